@@ -1,0 +1,297 @@
+"""Shared test helpers: real update archives, a real server process, raw HTTP."""
+
+import bz2
+import http.client
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import unittest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SERVER = os.path.join(ROOT, "box_update_server.py")
+sys.path.insert(0, ROOT)
+
+
+# Archives -------------------------------------------------------------------
+
+def file_member(name, data, mode=0o644):
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), mode, 1700000000
+    return info, data
+
+
+def dir_member(name):
+    info = tarfile.TarInfo(name)
+    info.type, info.mode = tarfile.DIRTYPE, 0o755
+    return info, None
+
+
+def link_member(name, target, hard=False):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = (tarfile.LNKTYPE if hard else tarfile.SYMTYPE), target
+    return info, None
+
+
+def device_member(name):
+    info = tarfile.TarInfo(name)
+    info.type, info.devmajor, info.devminor = tarfile.CHRTYPE, 1, 3
+    return info, None
+
+
+def update_members(version, version_content=None, installer=True):
+    """The layout a box expects: top folder, VERSION, install_update.sh, box-config-daemon/."""
+    top = "opq-box-update-%s" % version
+    content = ("%s\n" % version if version_content is None else version_content).encode()
+    members = [dir_member(top), file_member(top + "/VERSION", content)]
+    if installer:
+        members.append(file_member(top + "/install_update.sh", b"#!/bin/sh\necho installed\n", 0o755))
+    members += [dir_member(top + "/box-config-daemon"),
+                file_member(top + "/box-config-daemon/daemon.bin", os.urandom(2048))]
+    return members
+
+
+def tar_bytes(members):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as archive:
+        for info, data in members:
+            archive.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buffer.getvalue()
+
+
+def archive_bytes(members):
+    return bz2.compress(tar_bytes(members))
+
+
+def make_update(folder, version, members=None, mtime=None):
+    """Write opq-box-update-<version>.tar.bz2 into folder; return its path."""
+    path = os.path.join(folder, "opq-box-update-%s.tar.bz2" % version)
+    data = archive_bytes(members if members is not None else update_members(version))
+    publish(path, data, mtime)
+    return path
+
+
+def publish(path, data, mtime=None):
+    """Write data under a temporary name, then rename it into place, as the README says."""
+    temporary = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".part")
+    with open(temporary, "wb") as out:
+        out.write(data)
+    if mtime is not None:
+        os.utime(temporary, (mtime, mtime))
+    os.replace(temporary, path)
+
+
+# Servers --------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def python_executable():
+    return os.environ.get("TEST_PYTHON", sys.executable)
+
+
+class ServerProcess:
+    """The real server as a subprocess, its log in a file, on a free port."""
+
+    def __init__(self, updates_dir, **settings):
+        self.updates_dir = updates_dir
+        self.settings = dict(settings)
+        self.log_file = tempfile.NamedTemporaryFile(prefix="box-update-server-", suffix=".log", delete=False)
+        self.process = None
+        self.port = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.stop()
+        os.unlink(self.log_file.name)
+
+    def start(self, wait_for_checks=True):
+        for _ in range(5):
+            self.port = free_port()
+            settings = dict({"port": self.port, "updates_dir": self.updates_dir, "host": "127.0.0.1"},
+                            **self.settings)
+            env = dict(os.environ, BOX_UPDATE_SERVER_SETTINGS=json.dumps(settings))
+            self.log_file.truncate(0)
+            self.process = subprocess.Popen([python_executable(), SERVER], env=env, cwd=ROOT,
+                                            stdout=subprocess.DEVNULL, stderr=self.log_file)
+            if wait_until(lambda: "listening on" in self.log() or self.process.poll() is not None, 10):
+                if self.process.poll() is None:
+                    if wait_for_checks:
+                        wait_until(lambda: "waiting to be checked" not in self.health().get("info", ""), 30)
+                    return self
+                if "already in use" not in self.log():
+                    break
+        raise AssertionError("server did not start:\n" + self.log())
+
+    def stop(self, signum=signal.SIGTERM, timeout=15):
+        """Send signum, wait for the exit, return the exit status."""
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(signum)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError("server did not stop within %s s" % timeout)
+
+    def log(self):
+        with open(self.log_file.name, encoding="utf-8", errors="replace") as log:
+            return log.read()
+
+    def url(self, path="/"):
+        return "http://127.0.0.1:%d%s" % (self.port, path)
+
+    def request(self, method, path, headers=None, timeout=10):
+        return request(self.port, method, path, headers, timeout)
+
+    def get(self, path, headers=None):
+        return self.request("GET", path, headers)
+
+    def health(self):
+        return json.loads(self.get("/").body)
+
+    def fd_count(self):
+        return len(os.listdir("/proc/%d/fd" % self.process.pid))
+
+    def thread_count(self):
+        return len(os.listdir("/proc/%d/task" % self.process.pid))
+
+    def peak_rss_kb(self):
+        with open("/proc/%d/status" % self.process.pid) as status:
+            return int(re.search(r"VmHWM:\s+(\d+)", status.read()).group(1))
+
+
+class Response:
+    def __init__(self, status, headers, body):
+        self.status, self.headers, self.body = status, headers, body
+
+    def header(self, name):
+        return self.headers.get(name)
+
+
+def request(port, method, path, headers=None, timeout=10):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request(method, path, headers=headers or {})
+        response = connection.getresponse()
+        body = response.read()
+        return Response(response.status, response.headers, body)
+    finally:
+        connection.close()
+
+
+def raw_exchange(port, data, timeout=5):
+    """Send raw bytes, read until the server closes or goes quiet; return what came back."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
+        connection.sendall(data)
+        try:
+            connection.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        chunks = []
+        try:
+            while True:
+                chunk = connection.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except (socket.timeout, ConnectionResetError):
+            pass
+        return b"".join(chunks)
+
+
+def status_of(raw_response):
+    match = re.match(rb"HTTP/1\.[01] (\d{3}) ", raw_response)
+    return int(match.group(1)) if match else None
+
+
+def wait_until(predicate, timeout, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return True
+        except (OSError, ValueError, http.client.HTTPException):
+            pass
+        time.sleep(interval)
+    return False
+
+
+def require_binary(name):
+    path = shutil.which(name)
+    if path is None:
+        raise unittest.SkipTest("%s is not installed, so this case is skipped" % name)
+    return path
+
+
+class TempDirTestCase(unittest.TestCase):
+    """A fresh temporary folder per test, with an updates folder inside it."""
+
+    def setUp(self):
+        self.tmp = tempfile.mkdtemp(prefix="box-update-test-")
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.updates = os.path.join(self.tmp, "updates")
+        os.mkdir(self.updates)
+
+    def start_server(self, wait_for_checks=True, **settings):
+        server = ServerProcess(self.updates, **settings)
+        self.addCleanup(server.__exit__)
+        return server.start(wait_for_checks)
+
+
+class PrefixProxy:
+    """A minimal reverse proxy mounting a backend under a path prefix, as the public deployment does."""
+
+    def __init__(self, prefix, backend_port):
+        import http.server
+
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                if not self.path.startswith(prefix + "/"):
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                upstream = http.client.HTTPConnection("127.0.0.1", backend_port, timeout=10)
+                upstream.request("GET", self.path[len(prefix):])
+                answer = upstream.getresponse()
+                body = answer.read()
+                proxy.seen.append(self.path)
+                self.send_response(answer.status)
+                for name, value in answer.getheaders():
+                    if name.lower() not in ("server", "date", "connection", "transfer-encoding"):
+                        self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(body)
+                upstream.close()
+
+            def log_message(self, *args):
+                pass
+
+        self.seen = []
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

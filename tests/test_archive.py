@@ -1,0 +1,258 @@
+"""Archive checks: only whole, well-formed updates are offered, with checksums that match."""
+
+import bz2
+import hashlib
+import io
+import os
+import subprocess
+import time
+import tracemalloc
+import unittest
+
+from support import (ROOT, SERVER, TempDirTestCase, archive_bytes, device_member, dir_member, file_member,
+                     link_member, make_update, publish, python_executable, require_binary, tar_bytes,
+                     update_members, wait_until)
+
+import box_update_server as bus
+
+TOP = "opq-box-update-1700000000"
+
+
+def check(data, version="1700000000"):
+    return bus.check_update_archive(io.BytesIO(data), version)
+
+
+class CheckUpdateArchiveTest(unittest.TestCase):
+
+    def assert_rejected(self, data, reason_part, version="1700000000"):
+        with self.assertRaises(bus.ArchiveError) as caught:
+            check(data, version)
+        self.assertIn(reason_part, str(caught.exception))
+
+    def test_a_good_archive_passes_with_its_sha256(self):
+        data = archive_bytes(update_members(1700000000))
+        self.assertEqual(check(data), hashlib.sha256(data).hexdigest())
+
+    def test_leading_dot_slash_names_are_inside_the_top_folder(self):
+        members = [(info, payload) for info, payload in update_members(1700000000)]
+        for info, _ in members:
+            info.name = "./" + info.name
+        data = archive_bytes(members)
+        self.assertEqual(check(data), hashlib.sha256(data).hexdigest())
+
+    def test_multi_stream_bzip2_as_pbzip2_writes_is_accepted(self):
+        tar = tar_bytes(update_members(1700000000))
+        data = bz2.compress(tar[:5000]) + bz2.compress(tar[5000:])
+        self.assertEqual(check(data), hashlib.sha256(data).hexdigest())
+
+    def test_truncated_archives_are_rejected(self):
+        data = archive_bytes(update_members(1700000000))
+        for cut in (len(data) - 1, len(data) // 2, 10):
+            with self.subTest(cut=cut):
+                self.assert_rejected(data[:cut], "truncated")
+
+    def test_empty_file_is_rejected(self):
+        self.assert_rejected(b"", "truncated")
+
+    def test_corrupt_archives_are_rejected(self):
+        data = bytearray(archive_bytes(update_members(1700000000)))
+        data[len(data) // 2] ^= 0xFF
+        self.assert_rejected(bytes(data), "corrupt")
+        self.assert_rejected(b"BZh9" + os.urandom(200), "corrupt")
+        self.assert_rejected(b"not bzip2 at all", "corrupt")
+
+    def test_trailing_garbage_is_rejected(self):
+        self.assert_rejected(archive_bytes(update_members(1700000000)) + b"garbage", "corrupt")
+
+    def test_bzip2_of_something_that_is_not_tar_is_rejected(self):
+        self.assert_rejected(bz2.compress(os.urandom(3000)), "not a valid tar archive")
+
+    def test_version_must_match_the_file_name(self):
+        self.assert_rejected(archive_bytes(update_members(1700000000, version_content="1600000000\n")),
+                             "VERSION says '1600000000'")
+        self.assert_rejected(archive_bytes(update_members(1700000000)), "outside the top folder", "1700000001")
+
+    def test_version_and_installer_must_exist(self):
+        members = [m for m in update_members(1700000000) if not m[0].name.endswith("VERSION")]
+        self.assert_rejected(archive_bytes(members), "VERSION is missing")
+        self.assert_rejected(archive_bytes(update_members(1700000000, installer=False)),
+                             "install_update.sh is missing")
+        self.assert_rejected(archive_bytes([dir_member(TOP), file_member(TOP + "/VERSION", b"1700000000"),
+                                            link_member(TOP + "/install_update.sh", "VERSION")]),
+                             "install_update.sh is not a regular file")
+
+    def test_escaping_members_are_rejected(self):
+        good = update_members(1700000000)
+        cases = [
+            (file_member("/etc/cron.d/evil", b"x"), "absolute path"),
+            (file_member(TOP + "/../evil", b"x"), "'..'"),
+            (file_member("elsewhere/evil", b"x"), "outside the top folder"),
+            (file_member(".", b""), "outside the top folder"),
+            (link_member(TOP + "/etc", "/etc"), "points outside"),
+            (link_member(TOP + "/up", "../../root"), "points outside"),
+            (link_member(TOP + "/box-config-daemon/up", "../../x"), "points outside"),
+            (link_member(TOP + "/hard", "etc/shadow", hard=True), "points outside"),
+            (device_member(TOP + "/null"), "device"),
+        ]
+        for member, reason in cases:
+            with self.subTest(member=member[0].name):
+                self.assert_rejected(archive_bytes(good + [member]), reason)
+
+    def test_links_inside_the_top_folder_are_fine(self):
+        members = update_members(1700000000) + [
+            link_member(TOP + "/box-config-daemon/current", "daemon.bin"),
+            link_member(TOP + "/box-config-daemon/again", TOP + "/VERSION", hard=True)]
+        check(archive_bytes(members))
+
+    def test_memory_stays_flat_for_a_large_archive(self):
+        payload_size = 48 << 20
+        tar = io.BytesIO()
+        import tarfile
+        with tarfile.open(fileobj=tar, mode="w") as archive:
+            for info, data in update_members(1700000000):
+                archive.addfile(info, io.BytesIO(data) if data is not None else None)
+            big = tarfile.TarInfo(TOP + "/box-config-daemon/big.img")
+            big.size = payload_size
+            archive.addfile(big, io.BytesIO(bytes(payload_size)))
+        data = bz2.compress(tar.getvalue(), 1)
+        del tar
+        tracemalloc.start()
+        try:
+            check(data)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        self.assertLess(peak, 4 << 20, "checking a %d MB archive peaked at %d bytes" % (payload_size >> 20, peak))
+
+
+class CheckCommandTest(TempDirTestCase):
+    """``box_update_server.py check FILE...`` for operators, before publishing."""
+
+    def run_check(self, *paths):
+        finished = subprocess.run([python_executable(), SERVER, "check"] + list(paths), cwd=ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        return finished.returncode, finished.stdout.decode()
+
+    def test_good_archives_pass_with_their_sha256(self):
+        path = make_update(self.tmp, 1700000000)
+        status, output = self.run_check(path)
+        self.assertEqual(status, 0, output)
+        with open(path, "rb") as archive:
+            self.assertIn("OK        %s  %s" % (hashlib.sha256(archive.read()).hexdigest(), path), output)
+
+    def test_any_bad_archive_fails_the_command(self):
+        good = make_update(self.tmp, 1700000000)
+        bad = make_update(self.tmp, 1700000001, update_members(1700000001, version_content="5"))
+        misnamed = os.path.join(self.tmp, "update.tar.bz2")
+        publish(misnamed, archive_bytes(update_members(1)))
+        status, output = self.run_check(good, bad, misnamed, os.path.join(self.tmp, "opq-box-update-5.tar.bz2"))
+        self.assertEqual(status, 1)
+        lines = output.splitlines()
+        self.assertEqual(len(lines), 4)
+        self.assertTrue(lines[0].startswith("OK"))
+        self.assertIn("REJECTED  %s: " % bad, lines[1])
+        self.assertIn("not named opq-box-update-<VERSION>.tar.bz2", lines[2])
+        self.assertIn("No such file", lines[3])
+
+    def test_shipped_examples_pass(self):
+        examples = os.path.join(ROOT, "examples", "updates")
+        status, output = self.run_check(*[os.path.join(examples, name) for name in sorted(os.listdir(examples))])
+        self.assertEqual(status, 0, output)
+
+
+class VerifiedPublicationTest(TempDirTestCase):
+    """Through the real server: what fails the checks is never offered anywhere."""
+
+    def test_bad_archives_are_never_offered(self):
+        good = make_update(self.updates, 1700000000)
+        bad_versions = {
+            1700000001: archive_bytes(update_members(1700000001))[:-20],                       # truncated
+            1700000002: archive_bytes(update_members(1700000002, version_content="1")),         # wrong VERSION
+            1700000003: archive_bytes(update_members(1700000003) + [file_member("/tmp/x", b"")]),  # escaping
+            1700000004: archive_bytes(update_members(1700000004) + [link_member(
+                "opq-box-update-1700000004/l", "/etc")]),                                       # escaping link
+            1700000005: b"BZh91AY&SY" + os.urandom(500),                                       # corrupt
+        }
+        for version, data in bad_versions.items():
+            publish(os.path.join(self.updates, "opq-box-update-%d.tar.bz2" % version), data)
+        server = self.start_server()
+        self.assertTrue(wait_until(lambda: server.health().get("info", "").startswith("5 file(s)"), 10),
+                        server.health())
+        self.assertEqual(server.get("/ls").body.decode(), os.path.basename(good))
+        self.assertEqual(server.get("/version").body.decode(), "1700000000")
+        self.assertEqual(server.get("/latest").header("Location"), "update/" + os.path.basename(good))
+        for version in bad_versions:
+            name = "opq-box-update-%d.tar.bz2" % version
+            self.assertEqual(server.get("/update/" + name).status, 404)
+            self.assertEqual(server.get("/update/" + name + ".sha256").status, 404)
+            self.assertEqual(server.log().count("rejected %s:" % name), 1)
+        health = server.health()
+        self.assertTrue(health["ok"])
+        self.assertIn("rejected", health["info"])
+
+    def test_a_growing_file_is_offered_only_once_complete_and_checked(self):
+        server = self.start_server()
+        data = archive_bytes(update_members(1700000000))
+        path = os.path.join(self.updates, "opq-box-update-1700000000.tar.bz2")
+        with open(path, "wb") as out:   # copied straight into place, not renamed
+            out.write(data[:len(data) // 2])
+            out.flush()
+            for _ in range(6):
+                time.sleep(0.25)
+                self.assertEqual(server.get("/ls").body, b"")
+                self.assertEqual(server.get("/latest").status, 404)
+            out.write(data[len(data) // 2:])
+        self.assertTrue(wait_until(lambda: server.get("/version").body == b"1700000000", 10))
+        download = server.get("/update/opq-box-update-1700000000.tar.bz2")
+        self.assertEqual(download.body, data)
+
+    def test_checksum_route_and_header_match_hashlib(self):
+        path = make_update(self.updates, 1700000000)
+        with open(path, "rb") as archive:
+            digest = hashlib.sha256(archive.read())
+        server = self.start_server()
+        name = os.path.basename(path)
+        answer = server.get("/update/%s.sha256" % name)
+        self.assertEqual(answer.status, 200)
+        self.assertEqual(answer.header("Content-Type"), "text/plain")
+        self.assertEqual(answer.body.decode(), "%s  %s\n" % (digest.hexdigest(), name))
+        import base64
+        expected = "sha-256=:%s:" % base64.b64encode(digest.digest()).decode()
+        self.assertEqual(server.get("/update/" + name).header("Repr-Digest"), expected)
+        ranged = server.get("/update/" + name, {"Range": "bytes=0-9"})
+        self.assertEqual((ranged.status, ranged.header("Repr-Digest")), (206, expected))
+
+    def test_sha256sum_checks_a_box_download(self):
+        require_binary("sha256sum")
+        require_binary("wget")
+        make_update(self.updates, 1700000000)
+        server = self.start_server()
+        script = ('wget -q {base}/latest -O update.tar.bz2 && name=$(wget -q -O - {base}/ls | tail -n 1) && '
+                  'wget -q -O - {base}/update/$name.sha256 | sed "s|  $name\\$|  update.tar.bz2|" | sha256sum -c -')
+        finished = subprocess.run(["bash", "-c", script.format(base=server.url(""))], cwd=self.tmp,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.assertEqual(finished.returncode, 0, finished.stdout)
+        self.assertIn(b"update.tar.bz2: OK", finished.stdout)
+
+    def test_verification_off_offers_every_named_file_at_once(self):
+        publish(os.path.join(self.updates, "opq-box-update-1700000009.tar.bz2"), b"not even bzip2")
+        server = self.start_server(verify_updates=False)
+        self.assertEqual(server.get("/version").body, b"1700000009")
+        self.assertEqual(server.get("/update/opq-box-update-1700000009.tar.bz2").body, b"not even bzip2")
+
+    def test_a_restart_with_many_archives_offers_the_newest_first(self):
+        versions = range(1700000000, 1700000300)
+        for version in versions:
+            members = update_members(version)
+            publish(os.path.join(self.updates, "opq-box-update-%d.tar.bz2" % version), archive_bytes(members),
+                    mtime=time.time() - 60)
+        server = self.start_server(wait_for_checks=False)
+        first, health = None, {}
+        deadline = time.monotonic() + 30
+        while first is None and time.monotonic() < deadline:
+            answer = server.get("/version")
+            if answer.status == 200:
+                first, health = int(answer.body), server.health()
+        self.assertEqual(first, versions[-1])
+        self.assertIn("waiting to be checked", health.get("info", ""),
+                      "the newest should be offered while older ones still wait")

@@ -1,0 +1,182 @@
+"""Settings: parsing without sockets, and every bad configuration ending the real process cleanly."""
+
+import json
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import unittest
+
+from support import ROOT, SERVER, ServerProcess, TempDirTestCase, free_port, python_executable, request, wait_until
+
+import box_update_server as bus
+
+
+class ParseSettingsTest(unittest.TestCase):
+
+    def test_minimal_settings_take_the_defaults(self):
+        settings, warnings = bus.parse_settings('{"port": 8151, "updates_dir": "/srv/updates"}')
+        self.assertEqual(settings, bus.Settings(port=8151, updates_dir="/srv/updates"))
+        self.assertEqual(settings.host, "")
+        self.assertTrue(settings.verify_updates)
+        self.assertEqual(warnings, [])
+
+    def test_numeric_string_port_is_accepted(self):
+        settings, _ = bus.parse_settings('{"port": " 8151 ", "updates_dir": "/u"}')
+        self.assertEqual(settings.port, 8151)
+
+    def test_relative_updates_dir_is_taken_from_the_working_directory(self):
+        settings, _ = bus.parse_settings('{"port": 1, "updates_dir": "examples/updates"}', cwd="/opt/box")
+        self.assertEqual(settings.updates_dir, "/opt/box/examples/updates")
+
+    def test_optional_settings_are_read(self):
+        settings, _ = bus.parse_settings(json.dumps({
+            "port": 80, "updates_dir": "/u", "host": "127.0.0.1", "idle_timeout": 2, "shutdown_grace": 0.5,
+            "max_connections": 10, "verify_updates": False}))
+        self.assertEqual((settings.host, settings.idle_timeout, settings.shutdown_grace,
+                          settings.max_connections, settings.verify_updates),
+                         ("127.0.0.1", 2.0, 0.5, 10, False))
+
+    def test_unknown_key_is_a_warning_not_an_error(self):
+        settings, warnings = bus.parse_settings('{"port": 80, "updates_dir": "/u", "colour": "blue"}')
+        self.assertEqual(settings.port, 80)
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("colour", warnings[0])
+
+    def test_bad_settings_name_the_problem(self):
+        cases = [
+            (None, "is not set"),
+            ("   ", "is not set"),
+            ("{port: 1}", "not valid JSON"),
+            ("[1, 2]", "must be a JSON object"),
+            ('{"updates_dir": "/u"}', "'port'"),
+            ('{"port": 80}', "'updates_dir'"),
+            ('{"port": "eighty", "updates_dir": "/u"}', "port must be an integer"),
+            ('{"port": 80.5, "updates_dir": "/u"}', "port must be an integer"),
+            ('{"port": true, "updates_dir": "/u"}', "port must be an integer"),
+            ('{"port": 0, "updates_dir": "/u"}', "between 1 and 65535"),
+            ('{"port": 65536, "updates_dir": "/u"}', "between 1 and 65535"),
+            ('{"port": 80, "updates_dir": ""}', "updates_dir must be"),
+            ('{"port": 80, "updates_dir": 7}', "updates_dir must be"),
+            ('{"port": 80, "updates_dir": "/u", "idle_timeout": 0}', "idle_timeout"),
+            ('{"port": 80, "updates_dir": "/u", "max_connections": "many"}', "max_connections"),
+            ('{"port": 80, "updates_dir": "/u", "verify_updates": "yes"}', "verify_updates"),
+        ]
+        for text, expected in cases:
+            with self.subTest(text=text):
+                with self.assertRaises(bus.SettingsError) as caught:
+                    bus.parse_settings(text)
+                self.assertIn(expected, str(caught.exception))
+
+
+def run_server(settings_text, timeout=10, user=None):
+    """Run the server with the given BOX_UPDATE_SERVER_SETTINGS (None: unset); return (status, stderr)."""
+    env = dict(os.environ)
+    env.pop(bus.SETTINGS_VARIABLE, None)
+    if settings_text is not None:
+        env[bus.SETTINGS_VARIABLE] = settings_text
+    command = [python_executable(), SERVER]
+    if user is not None:
+        command = ["setpriv", "--reuid", user, "--regid", "nogroup", "--clear-groups", "/usr/bin/python3", SERVER]
+    try:
+        finished = subprocess.run(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("the server kept running on settings %r" % settings_text)
+    return finished.returncode, finished.stderr.decode()
+
+
+class BadConfigurationTest(TempDirTestCase):
+    """Each bad configuration: exit status 1 and one clear line, never a traceback."""
+
+    def assert_refused(self, settings_text, expected, user=None):
+        status, stderr = run_server(settings_text, user=user)
+        self.assertEqual(status, 1, stderr)
+        self.assertNotIn("Traceback", stderr)
+        lines = stderr.strip().splitlines()
+        self.assertEqual(len(lines), 1, stderr)
+        self.assertIn(expected, lines[0])
+
+    def test_each_bad_configuration_is_one_line_and_exit_1(self):
+        a_file = os.path.join(self.tmp, "a-file")
+        open(a_file, "w").close()
+        port = free_port()
+        table = [
+            (None, "BOX_UPDATE_SERVER_SETTINGS is not set"),
+            ("", "BOX_UPDATE_SERVER_SETTINGS is not set"),
+            ("not json", "not valid JSON"),
+            ('"a string"', "must be a JSON object"),
+            (json.dumps({"updates_dir": self.updates}), "has no 'port'"),
+            (json.dumps({"port": port}), "has no 'updates_dir'"),
+            (json.dumps({"port": "http", "updates_dir": self.updates}), "port must be an integer"),
+            (json.dumps({"port": 70000, "updates_dir": self.updates}), "between 1 and 65535"),
+            (json.dumps({"port": -1, "updates_dir": self.updates}), "between 1 and 65535"),
+            (json.dumps({"port": port, "updates_dir": os.path.join(self.tmp, "missing")}), "does not exist"),
+            (json.dumps({"port": port, "updates_dir": a_file}), "is not a folder"),
+        ]
+        for settings_text, expected in table:
+            with self.subTest(settings=settings_text):
+                self.assert_refused(settings_text, expected)
+
+    def test_port_in_use_is_named(self):
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", 0))
+            holder.listen()
+            port = holder.getsockname()[1]
+            self.assert_refused(json.dumps({"port": port, "updates_dir": self.updates, "host": "127.0.0.1"}),
+                                "port %d is already in use" % port)
+
+    def test_unreadable_updates_dir(self):
+        os.chmod(self.updates, 0)
+        self.addCleanup(os.chmod, self.updates, stat.S_IRWXU)
+        settings = json.dumps({"port": free_port(), "updates_dir": self.updates})
+        if os.geteuid() != 0:
+            self.assert_refused(settings, "cannot be read")
+            return
+        # root reads any folder: run the server as nobody, with the system Python nobody can reach
+        if not (shutil.which("setpriv") and os.path.exists("/usr/bin/python3")):
+            self.skipTest("running as root without setpriv and /usr/bin/python3 to drop privileges")
+        os.chmod(self.tmp, 0o755)
+        probe = subprocess.run(["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups",
+                                "/usr/bin/python3", "-c", "open(%r).close()" % SERVER], stderr=subprocess.PIPE)
+        if probe.returncode != 0:
+            self.skipTest("nobody cannot read the server file here: %s" % probe.stderr.decode().strip())
+        self.assert_refused(settings, "cannot be read", user="nobody")
+
+    def test_unknown_key_is_warned_about_and_the_server_runs(self):
+        with ServerProcess(self.updates, colour="blue") as server:
+            self.assertEqual(server.get("/").status, 200)
+            self.assertIn("unknown setting 'colour' is ignored", server.log())
+
+
+class ReadmeRunCommandTest(unittest.TestCase):
+    """The README's run command, word for word, on the shipped configuration and example updates."""
+
+    RUN_COMMAND = "BOX_UPDATE_SERVER_SETTINGS=$(<config/box-update-server.config.json) python3 box_update_server.py"
+
+    def test_readme_shows_the_run_command(self):
+        with open(os.path.join(ROOT, "README.md")) as readme:
+            self.assertIn(self.RUN_COMMAND, readme.read())
+
+    def test_run_command_serves_the_examples(self):
+        with open(os.path.join(ROOT, "config", "box-update-server.config.json")) as config:
+            settings = json.load(config)
+        try:
+            with socket.socket() as probe:
+                probe.bind(("", settings["port"]))
+        except OSError:
+            self.skipTest("port %d is taken on this machine" % settings["port"])
+        examples = sorted(os.listdir(os.path.join(ROOT, settings["updates_dir"])))
+        self.assertGreaterEqual(len(examples), 2)
+        process = subprocess.Popen(["bash", "-c", self.RUN_COMMAND.replace(" python3 ", " exec %s " % python_executable())],
+                                   cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            self.assertTrue(wait_until(lambda: request(settings["port"], "GET", "/version").status == 200, 15))
+            self.assertEqual(request(settings["port"], "GET", "/ls").body.decode().split("\n"), examples)
+            self.assertEqual(request(settings["port"], "GET", "/version").body.decode(),
+                             examples[-1][len("opq-box-update-"):-len(".tar.bz2")])
+        finally:
+            process.terminate()
+            self.assertEqual(process.wait(15), 0)
+            process.stderr.close()
