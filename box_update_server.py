@@ -24,6 +24,7 @@ import contextlib
 import email.utils
 import errno
 import hashlib
+import http.client
 import http.server
 import json
 import logging
@@ -56,6 +57,7 @@ class SettingsError(Exception):
 
 
 class Settings(NamedTuple):
+    """The server's configuration, validated."""
     port: int
     updates_dir: str
     host: str = ""                  # all interfaces
@@ -80,7 +82,7 @@ def parse_settings(text: Optional[str], cwd: str = ".") -> Tuple[Settings, List[
     try:
         raw = json.loads(text)
     except ValueError as error:
-        raise SettingsError("%s is not valid JSON: %s" % (SETTINGS_VARIABLE, error))
+        raise SettingsError("%s is not valid JSON: %s" % (SETTINGS_VARIABLE, error)) from None
     if not isinstance(raw, dict):
         raise SettingsError("%s must be a JSON object, not %s" % (SETTINGS_VARIABLE, type(raw).__name__))
     for key in REQUIRED_KEYS:
@@ -146,7 +148,7 @@ def check_updates_dir(path: str) -> None:
     try:
         os.listdir(path)
     except OSError as error:
-        raise SettingsError("updates_dir %s cannot be read: %s" % (path, error.strerror))
+        raise SettingsError("updates_dir %s cannot be read: %s" % (path, error.strerror)) from None
 
 
 # ---------------------------------------------------------------------------
@@ -188,6 +190,7 @@ class _TarStream:
         self.at_end = False
 
     def read(self, size: int = -1) -> bytes:
+        """Up to size bytes of tar data (tarfile's stream mode reads this way)."""
         wanted = READ_CHUNK if size is None or size < 0 else size
         while len(self.pending) < wanted and not self.at_end:
             self._decompress_more()
@@ -203,23 +206,23 @@ class _TarStream:
 
     def _decompress_more(self) -> None:
         data = b""
-        if self.decompressor.eof:
+        if self.decompressor.eof:  # pylint: disable=using-constant-test  # astroid misreads the C type
             data = self.decompressor.unused_data or self._read_file()
             if not data:
                 self.at_end = True
                 return
             self.decompressor = bz2.BZ2Decompressor()
-        elif self.decompressor.needs_input:
+        elif self.decompressor.needs_input:  # pylint: disable=using-constant-test
             data = self._read_file()
             if not data:
                 raise ArchiveError("truncated: the bzip2 stream ends early")
         try:
             self.pending += self.decompressor.decompress(data, READ_CHUNK)
         except (OSError, EOFError, ValueError) as error:
-            raise ArchiveError("corrupt bzip2 data (%s)" % error)
+            raise ArchiveError("corrupt bzip2 data (%s)" % error) from None
 
     def _read_file(self) -> bytes:
-        data = self.fileobj.read(READ_CHUNK)
+        data = self.fileobj.read(READ_CHUNK)  # type: bytes
         self.sha256.update(data)
         return data
 
@@ -263,13 +266,13 @@ def check_update_archive(fileobj: Any, version_text: str) -> str:
                 if path == "VERSION":
                     if not member.isreg() or member.size > 64:
                         raise ArchiveError("%s/VERSION is not a small regular file" % top)
-                    found_version = archive.extractfile(member).read()  # type: ignore[union-attr]
+                    found_version = archive.extractfile(member).read()
                 elif path == "install_update.sh":
                     if not member.isreg():
                         raise ArchiveError("%s/install_update.sh is not a regular file" % top)
                     found_installer = True
     except tarfile.TarError as error:
-        raise ArchiveError("not a valid tar archive (%s)" % error)
+        raise ArchiveError("not a valid tar archive (%s)" % error) from None
     digest = stream.finish()
     if found_version is None:
         raise ArchiveError("%s/VERSION is missing" % top)
@@ -298,6 +301,7 @@ FileIdentity = Tuple[int, int, int]
 
 
 def file_identity(status: os.stat_result) -> FileIdentity:
+    """What tells two versions of a file apart without reading it."""
     return (status.st_ino, status.st_size, status.st_mtime_ns)
 
 
@@ -321,6 +325,7 @@ class Snapshot(NamedTuple):
 
     @property
     def latest(self) -> Optional[Update]:
+        """The newest offered update, what /latest and /version name."""
         return self.updates[-1] if self.updates else None
 
 
@@ -340,6 +345,7 @@ class _Candidate:
         self.sha256 = None  # type: Optional[str]
 
     def sort_key(self) -> Tuple[int, str]:
+        """Numeric VERSION order; the name breaks ties such as 01 and 1."""
         return (self.version, self.name)
 
 
@@ -369,11 +375,13 @@ class Catalog:
         self._last_publish = 0.0
 
     def start(self) -> None:
+        """Scan once, so the first requests see the folder, then watch and check in the background."""
         self.scan()
         for target, name in ((self._scan_loop, "catalog-scanner"), (self._check_loop, "catalog-checker")):
             threading.Thread(target=target, name=name, daemon=True).start()
 
     def stop(self) -> None:
+        """Let the background threads end."""
         self._stopping.set()
         with self._lock:
             self._lock.notify_all()
@@ -686,6 +694,7 @@ _LOG_ESCAPES[ord("\\")] = "\\\\"
 
 
 def escape_for_log(text: str) -> str:
+    """Text from a request, safe to write into a log line."""
     return text.translate(_LOG_ESCAPES)
 
 
@@ -698,7 +707,12 @@ NO_UPDATES = "Update dir does not contain any valid updates."
 
 
 class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
-    """Routes /, /ls, /latest, /version and /update/<name>, for GET and HEAD."""
+    """Routes /, /ls, /latest, /version and /update/<name>, for GET and HEAD.
+
+    Per-request state (status, bytes_sent, ...) is set in handle_one_request, as
+    BaseHTTPRequestHandler does for its own, hence no __init__.
+    """
+    # pylint: disable=attribute-defined-outside-init
 
     server_version = "BoxUpdateServer/2"
     protocol_version = "HTTP/1.1"
@@ -707,11 +721,11 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
     max_request_line = 8192
     copy_chunk = 8 << 20         # bytes per sendfile call between checks that the file is unchanged
 
-    server = None  # type: BoxUpdateServer  # set by socketserver
+    server: "BoxUpdateServer"  # set by socketserver
 
     def setup(self) -> None:
-        self.timeout = self.server.settings.idle_timeout
         super().setup()
+        self.connection.settimeout(self.server.settings.idle_timeout)
 
     # One request, from its first byte to its access log line --------------
 
@@ -740,6 +754,7 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
                 self.log_access()
 
     def handle_request_line(self) -> None:
+        """Parse the request and answer it: the HTTP errors first, then the route."""
         if len(self.raw_requestline) > self.max_request_line:
             self.requestline, self.request_version, self.command = "", "", ""
             self.send_error(414)
@@ -754,6 +769,7 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
             self.send_text(405, "Method not allowed.", extra_headers=(("Allow", "GET, HEAD"),))
 
     def answer_internal_error(self) -> None:
+        """A bug in a route: log its traceback, answer 500 if nothing was sent yet, close the connection."""
         logger.exception("error while answering %s", escape_for_log(getattr(self, "requestline", "")))
         self.close_connection = True
         if self.status is None:  # nothing sent yet, so there is room for a clean answer
@@ -797,6 +813,7 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
         self.send_text(200, json.dumps(health), "application/json")
 
     def send_listing(self) -> None:
+        """/ls: offered names, oldest first, one a line, no trailing newline."""
         self.send_bytes(200, self.server.catalog.snapshot.listing, "text/plain")
 
     def send_latest(self) -> None:
@@ -808,6 +825,7 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
             self.send_bytes(303, b"", "text/plain", (("Location", "update/" + latest.name),))
 
     def send_version(self) -> None:
+        """/version: the newest VERSION as text."""
         latest = self.server.catalog.snapshot.latest
         if latest is None:
             self.send_text(404, NO_UPDATES)
@@ -825,23 +843,26 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
             self.send_text(200, "%s  %s\n" % (update.sha256, update.name))
 
     def send_update(self, encoded_name: str) -> None:
+        """/update/<name>: an offered update's bytes, whole or a range."""
         update = self.find_update(encoded_name)
         try:
-            fileobj = open_regular_file(update.path) if update else None
-        except OSError:
-            fileobj = None
-        if fileobj is None:
+            if update is None:
+                raise FileNotFoundError(errno.ENOENT, "not in the catalog", encoded_name)
+            fileobj = open_regular_file(update.path)
+        except OSError:  # not offered, or removed since the last scan
             self.send_text(404, NOT_FOUND)
             return
         with fileobj:
             self.serve_file(fileobj, update)
 
     def find_update(self, encoded_name: str) -> Optional[Update]:
+        """The offered update a path segment names, or None."""
         return resolve_update(self.server.catalog.snapshot, encoded_name)
 
     # File serving: GET and HEAD share this one path --------------------------
 
     def serve_file(self, fileobj: Any, update: Update) -> None:
+        """GET and HEAD of an open update: preconditions, then Range, then headers, then the bytes."""
         identity = file_identity(os.fstat(fileobj.fileno()))
         if identity != update.identity and self.server.catalog.verify:
             self.server.catalog.suspect()  # not the file that was checked
@@ -899,9 +920,11 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def send_text(self, status: int, text: str, content_type: str = "text/plain",
                   extra_headers: Any = ()) -> None:
+        """A small text answer."""
         self.send_bytes(status, text.encode("utf-8"), content_type, extra_headers)
 
     def send_bytes(self, status: int, body: bytes, content_type: Optional[str], extra_headers: Any = ()) -> None:
+        """A small answer; wbufsize makes headers and body leave in one send."""
         self.send_response(status)
         if content_type:
             self.send_header("Content-Type", content_type)
@@ -1017,9 +1040,9 @@ def make_server(settings: Settings) -> BoxUpdateServer:
         server = BoxUpdateServer(settings, catalog)
     except OSError as error:
         if error.errno == errno.EADDRINUSE:
-            raise SettingsError("port %d is already in use" % settings.port)
+            raise SettingsError("port %d is already in use" % settings.port) from None
         raise SettingsError("cannot listen on %s:%d: %s"
-                            % (settings.host or "*", settings.port, error.strerror or error))
+                            % (settings.host or "*", settings.port, error.strerror or error)) from None
     catalog.start()
     return server
 
@@ -1032,7 +1055,7 @@ def serve(server: BoxUpdateServer) -> None:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    host, port = server.server_address[:2]
+    host, port = str(server.server_address[0]), int(server.server_address[1])
     logger.info("listening on http://%s:%d/ serving updates from %s (verify_updates=%s)",
                 host if ":" not in host else "[%s]" % host, port,
                 server.settings.updates_dir, str(server.settings.verify_updates).lower())
@@ -1064,12 +1087,36 @@ def check_files(paths: List[str]) -> int:
     return 1 if failures else 0
 
 
+def probe_health(settings: Settings) -> int:
+    """``health``: 0 when the server these settings describe answers ``"ok": true`` on /, else 1.
+
+    The Docker HEALTHCHECK runs this with the Python already in the image.
+    """
+    # a wildcard listening address is reached through loopback
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)  # nosec
+    connection = http.client.HTTPConnection(host, settings.port, timeout=3)
+    try:
+        connection.request("GET", "/")
+        answer = connection.getresponse()
+        health = json.loads(answer.read().decode("utf-8"))
+        healthy = answer.status == 200 and isinstance(health, dict) and health.get("ok") is True
+    except (OSError, ValueError, http.client.HTTPException) as error:
+        print("unhealthy: %s" % error)
+        return 1
+    finally:
+        connection.close()
+    print(("healthy: %s" if healthy else "unhealthy: %s") % json.dumps(health))
+    return 0 if healthy else 1
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the server (the default) or ``check``; return the exit status."""
     parser = argparse.ArgumentParser(
         prog="box_update_server.py",
         description="Serve OPQ Box updates. Configured by the JSON in %s." % SETTINGS_VARIABLE)
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("serve", help="run the server (the default)")
+    commands.add_parser("health", help="exit 0 if the configured server answers ok on /, 1 if not")
     check = commands.add_parser("check", help="check update archives as the server would, before publishing")
     check.add_argument("files", nargs="+", metavar="FILE")
     arguments = parser.parse_args(argv)
@@ -1080,6 +1127,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s")
     try:
         settings, warnings = parse_settings(os.environ.get(SETTINGS_VARIABLE), os.getcwd())
+        if arguments.command == "health":
+            return probe_health(settings)
         for warning in warnings:
             logger.warning("%s", warning)
         server = make_server(settings)

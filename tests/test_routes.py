@@ -2,14 +2,13 @@
 
 import json
 import os
-import shutil
 import subprocess
 import time
 import unittest
 import urllib.parse
 
-from support import (PrefixProxy, ServerProcess, TempDirTestCase, archive_bytes, make_update, publish,
-                     raw_exchange, require_binary, status_of, update_members, wait_until)
+from support import (PrefixProxy, ServerProcess, TempDirTestCase, make_update, publish, raw_exchange,
+                     require_binary, status_of, wait_until)
 
 OLD, NEW = 999999999, 1000000001   # string order would get these the wrong way round
 

@@ -1,0 +1,141 @@
+"""The Docker image, without a Docker engine: its file agrees with the server, and its command line works."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import unittest
+
+from support import ROOT, SERVER, TempDirTestCase, make_update, python_executable, request, wait_until
+
+
+def dockerfile_instructions():
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    with open(os.path.join(ROOT, "Dockerfile")) as dockerfile:
+        text = re.sub(r"\\\n", " ", dockerfile.read())
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    return [tuple(line.split(None, 1)) for line in lines]
+
+
+def instruction(name):
+    found = [arguments for keyword, arguments in dockerfile_instructions() if keyword.upper() == name]
+    assert len(found) == 1, "%s appears %d times" % (name, len(found))
+    return found[0]
+
+
+def compose_example():
+    """The environment and volume of the README's docker compose service."""
+    with open(os.path.join(ROOT, "README.md")) as readme:
+        block = re.search(r"```yaml\n(.*?)```", readme.read(), re.S).group(1)
+    settings = re.search(r"BOX_UPDATE_SERVER_SETTINGS: '(.*)'", block).group(1)
+    volume = re.search(r"- (\S+):(\S+):ro", block)
+    port = re.search(r'- "(\d+):(\d+)"', block)
+    return json.loads(settings), volume.group(2), int(port.group(2))
+
+
+class DockerfileTest(unittest.TestCase):
+
+    def test_base_image_is_official_python_pinned_to_a_minor_version(self):
+        self.assertRegex(instruction("FROM"), r"^python:3\.\d+-(alpine|slim)[\w.-]*$")
+
+    def test_no_dependencies_are_installed(self):
+        for keyword, arguments in dockerfile_instructions():
+            if keyword == "RUN":
+                self.assertNotRegex(arguments, r"\bpip\b|apk add|apt-get")
+
+    def test_entrypoint_is_exec_form_and_runs_the_server_file(self):
+        entrypoint = json.loads(instruction("ENTRYPOINT"))
+        self.assertEqual(entrypoint, ["python3", "box_update_server.py"])
+        workdir = instruction("WORKDIR")
+        copy = instruction("COPY").split()
+        self.assertEqual(copy[0], "box_update_server.py")
+        self.assertIn(copy[1], ("./", workdir, workdir + "/"))
+        with open(os.path.join(ROOT, ".dockerignore")) as ignore:
+            self.assertIn("!box_update_server.py", ignore.read().split())
+
+    def test_expose_volume_and_healthcheck_agree_with_the_server(self):
+        settings, mount, container_port = compose_example()
+        self.assertEqual(instruction("EXPOSE"), str(container_port))
+        self.assertEqual(settings["port"], container_port)
+        with open(os.path.join(ROOT, "config", "box-update-server.config.json")) as config:
+            self.assertEqual(json.load(config)["port"], container_port)
+        self.assertEqual(json.loads(instruction("VOLUME")), [mount])
+        self.assertEqual(settings["updates_dir"], mount)
+        healthcheck = instruction("HEALTHCHECK")
+        command = json.loads(healthcheck.split("CMD", 1)[1])
+        self.assertEqual(command, ["python3", "box_update_server.py", "health"])
+
+    def test_runs_as_a_non_root_user(self):
+        user = instruction("USER").split(":")[0]
+        self.assertNotIn(user, ("root", "0"))
+        self.assertIn("-u %s" % user, " ".join(a for k, a in dockerfile_instructions() if k == "RUN"))
+
+
+class ImageCommandLineTest(TempDirTestCase):
+    """The ENTRYPOINT command line as the image's user would run it, with the README compose environment."""
+
+    def setUp(self):
+        super().setUp()
+        self.settings, self.mount, self.port = compose_example()
+        try:
+            with socket.socket() as probe:
+                probe.bind(("", self.port))
+        except OSError:
+            self.skipTest("port %d is taken on this machine" % self.port)
+        # the image's WORKDIR holds only the server file; the volume is the updates folder, read-only
+        self.workdir = os.path.join(self.tmp, "box-update-server")
+        os.mkdir(self.workdir)
+        shutil.copy(SERVER, self.workdir)
+        make_update(self.updates, 1764547200)
+        self.settings["updates_dir"] = self.updates     # what the bind mount does
+        self.python = python_executable()
+        self.as_user = []
+        if os.geteuid() == 0:   # the image runs unprivileged: drop root as it does
+            if not (shutil.which("setpriv") and os.path.exists("/usr/bin/python3")):
+                self.skipTest("running as root without setpriv and /usr/bin/python3 to drop privileges")
+            for path in (self.tmp, self.workdir, self.updates):
+                os.chmod(path, 0o755)
+            self.as_user = ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups"]
+            self.python = "/usr/bin/python3"
+
+    def command(self, *arguments):
+        entrypoint = json.loads(instruction("ENTRYPOINT"))
+        return self.as_user + [self.python if entrypoint[0] == "python3" else entrypoint[0]] + entrypoint[1:] + \
+            list(arguments)
+
+    def environment(self):
+        return dict(os.environ, BOX_UPDATE_SERVER_SETTINGS=json.dumps(self.settings))
+
+    def healthcheck(self):
+        command = json.loads(instruction("HEALTHCHECK").split("CMD", 1)[1])
+        finished = subprocess.run(self.as_user + [self.python] + command[1:], cwd=self.workdir,
+                                  env=self.environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  timeout=20)
+        return finished.returncode, finished.stdout.decode()
+
+    def test_entrypoint_serves_and_the_healthcheck_follows_the_health_answer(self):
+        process = subprocess.Popen(self.command(), cwd=self.workdir, env=self.environment(),
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            self.assertTrue(wait_until(lambda: request(self.port, "GET", "/version").status == 200, 15),
+                            "the server did not start: %s" % " ".join(self.command()))
+            self.assertTrue(json.loads(request(self.port, "GET", "/").body)["ok"])
+            self.assertEqual(self.healthcheck()[0], 0)
+            moved = self.updates + ".gone"
+            os.rename(self.updates, moved)
+            self.assertTrue(wait_until(lambda: self.healthcheck()[0] == 1, 5))
+            self.assertIn('"ok": false', self.healthcheck()[1])
+            os.rename(moved, self.updates)
+            self.assertTrue(wait_until(lambda: self.healthcheck()[0] == 0, 5))
+        finally:
+            process.send_signal(signal.SIGTERM)     # what docker stop sends
+            self.assertEqual(process.wait(15), 0)
+            process.stderr.close()
+        self.assertEqual(self.healthcheck()[0], 1, "no server: unhealthy")
+
+
+if __name__ == "__main__":
+    unittest.main()
