@@ -716,6 +716,7 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
 
     server_version = "BoxUpdateServer/2"
     protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.0"   # so even a garbled request line gets a status line back
     disable_nagle_algorithm = True
     wbufsize = 1 << 16           # headers and small bodies leave in one send
     max_request_line = 8192
@@ -767,6 +768,16 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
             self.route(request_path(self.path))
         else:
             self.send_text(405, "Method not allowed.", extra_headers=(("Allow", "GET, HEAD"),))
+
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        """http.server's error answers, but an HTTP version we do not speak is the client's error (400).
+
+        A request line that says HTTP/2 or HTTP/3 in text is malformed for HTTP/1.1
+        (RFC 9113 §3 starts HTTP/2 otherwise), so a 5xx would blame the server.
+        """
+        if code == 505:
+            code, message = 400, "Unsupported HTTP version"
+        super().send_error(code, message, explain)
 
     def answer_internal_error(self) -> None:
         """A bug in a route: log its traceback, answer 500 if nothing was sent yet, close the connection."""

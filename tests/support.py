@@ -1,5 +1,6 @@
 """Shared test helpers: real update archives, a real server process, raw HTTP."""
 
+import atexit
 import bz2
 import http.client
 import io
@@ -295,3 +296,28 @@ class PrefixProxy:
     def close(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+# Reliability report ------------------------------------------------------------
+
+_REPORT = []
+
+
+def record(area, tried, outcome):
+    """Note one row of the README's Reliability table; written when RELIABILITY_REPORT names a file."""
+    _REPORT.append((area, tried, outcome))
+
+
+def _write_report():
+    path = os.environ.get("RELIABILITY_REPORT")
+    if not path or not _REPORT:
+        return
+    order = ["Load", "Slow and idle clients", "Hostile input", "Faults during downloads", "Configuration faults"]
+    rows = sorted(_REPORT, key=lambda row: (order.index(row[0]) if row[0] in order else len(order), row[0]))
+    with open(path, "w") as report:
+        report.write("| area | what was tried | outcome |\n|---|---|---|\n")
+        for area, tried, outcome in rows:
+            report.write("| %s | %s | %s |\n" % (area, tried, outcome))
+
+
+atexit.register(_write_report)
