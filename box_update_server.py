@@ -358,7 +358,7 @@ class Catalog:
     """
 
     POLL_SECONDS = 0.25
-    SETTLE_SECONDS = 1.0   # a file modified more recently may still be being written
+    SETTLE_SECONDS = 0.5   # a file modified more recently may still be being written
     RACY_SECONDS = 2.0     # a folder changed this recently may change again within its timestamp tick
     PUBLISH_SECONDS = 0.25
 
@@ -370,6 +370,7 @@ class Catalog:
         self._problem = None  # type: Optional[str]
         self._folder_identity = None  # type: Optional[Tuple[int, int]]
         self._relist = True
+        self._new_candidates = False
         self._lock = threading.Condition()
         self._stopping = threading.Event()
         self._last_publish = 0.0
@@ -455,56 +456,66 @@ class Catalog:
             self._problem = problem
             if changed:
                 self._publish()
+                self._new_candidates = True
                 self._lock.notify_all()
 
     # The checker ---------------------------------------------------------
 
     def _check_loop(self) -> None:
+        """Work through the waiting files newest first; start over whenever the scanner finds new ones."""
+        queue = []  # type: List[_Candidate]
         while not self._stopping.is_set():
             with self._lock:
-                candidate = self._next_to_check()
+                if self._new_candidates or not queue:
+                    queue, self._new_candidates = self._waiting_oldest_first(), False
+                candidate = queue.pop() if queue else None
                 if candidate is None:
                     self._lock.wait(self.POLL_SECONDS)
                     continue
+                if self._candidates.get(candidate.name) is not candidate:
+                    continue  # replaced or removed since the queue was made
             try:
-                self._check(candidate)
+                verdict = self._check(candidate)
             except Exception:  # pylint: disable=broad-except
                 logger.exception("checking %s failed", candidate.name)
+                continue
+            with self._lock:
+                if verdict is None or self._candidates.get(candidate.name) is not candidate:
+                    continue
+                problem, sha256 = verdict
+                candidate.checked, candidate.problem, candidate.sha256 = True, problem, sha256
+                if problem:
+                    logger.warning("rejected %s: %s", candidate.name, problem)
+                latest = self.snapshot.latest
+                if (not queue or latest is None or candidate.version >= latest.version
+                        or time.monotonic() - self._last_publish >= self.PUBLISH_SECONDS):
+                    self._publish()
 
-    def _next_to_check(self) -> Optional[_Candidate]:
-        """The newest unchecked file that has stopped changing."""
+    def _waiting_oldest_first(self) -> List[_Candidate]:
+        """Unchecked files that have stopped changing, so that pop() gives the newest."""
         settled_before = time.time() - self.SETTLE_SECONDS
-        waiting = [c for c in self._candidates.values()
-                   if not c.checked and c.identity[2] / 1e9 < settled_before]
-        return max(waiting, key=_Candidate.sort_key) if waiting else None
+        return sorted((c for c in self._candidates.values() if not c.checked and c.identity[2] / 1e9 < settled_before),
+                      key=_Candidate.sort_key)
 
-    def _check(self, candidate: _Candidate) -> None:
-        path = os.path.join(self.updates_dir, candidate.name)
-        problem, sha256 = None, None
+    def _check(self, candidate: _Candidate) -> Optional[Tuple[Optional[str], Optional[str]]]:
+        """(problem, sha256) for one file; None when it changed under us, so the scanner brings it again."""
         try:
-            with open_regular_file(path) as fileobj:
+            with open_regular_file(os.path.join(self.updates_dir, candidate.name)) as fileobj:
                 if file_identity(os.fstat(fileobj.fileno())) != candidate.identity:
-                    return  # changed since the scan: the scanner will bring the new file
+                    self.suspect()
+                    return None
                 if self.verify:
                     sha256 = check_update_archive(fileobj, str(version_digits(candidate.name)))
                 else:
                     sha256 = hash_file(fileobj)
                 if file_identity(os.fstat(fileobj.fileno())) != candidate.identity:
-                    return  # changed while we read it
+                    self.suspect()
+                    return None
+                return None, sha256
         except ArchiveError as error:
-            problem = str(error)
+            return str(error), None
         except OSError as error:
-            problem = "cannot be read: %s" % error.strerror
-        with self._lock:
-            if self._candidates.get(candidate.name) is not candidate:
-                return
-            candidate.checked, candidate.problem, candidate.sha256 = True, problem, sha256
-            if problem:
-                logger.warning("rejected %s: %s", candidate.name, problem)
-            latest = self.snapshot.latest
-            if (latest is None or candidate.version >= latest.version or self._next_to_check() is None
-                    or time.monotonic() - self._last_publish >= self.PUBLISH_SECONDS):
-                self._publish()
+            return "cannot be read: %s" % error.strerror, None
 
     def _is_offered(self, candidate: _Candidate) -> bool:
         return candidate.problem is None and (candidate.checked or not self.verify)
@@ -731,6 +742,7 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
     # One request, from its first byte to its access log line --------------
 
     def handle_one_request(self) -> None:
+        """One request on a kept-alive connection; a client that stalls or goes away just ends it."""
         self.started = time.monotonic()
         self.status = None  # type: Optional[int]
         self.bytes_sent = 0
@@ -744,9 +756,7 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
                 self.wfile.flush()
             if self.server.stopping:
                 self.close_connection = True
-        except socket.timeout:
-            self.close_connection = True
-        except (ConnectionError, BrokenPipeError):
+        except (socket.timeout, ConnectionError):
             self.close_connection = True
         except Exception:  # pylint: disable=broad-except
             self.answer_internal_error()
@@ -761,7 +771,7 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
             self.send_error(414)
             return
         if not self.parse_request():
-            return  # parse_request answered 400, 431 or 505
+            return  # parse_request answered 400 or 431
         if self.headers.get("Transfer-Encoding") or self.headers.get("Content-Length", "0").strip() != "0":
             self.close_connection = True  # we read no request bodies, so the connection cannot be reused
         if self.command in ("GET", "HEAD"):

@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -352,9 +351,11 @@ def run(options):
         fastest_peer = max(rate for name, rate in rates.items() if name != "this server")
         report.table("Large download (%d MB, best of %d, MB/s)" % (options.large_mb, options.runs),
                      ["server", "MB/s", "this server / it"],
-                     [[name, "%.0f" % rate, "%.2f" % ratio(rates["this server"], rate)] for name, rate in rates.items()])
+                     [[name, "%.0f" % rate, "%.2f" % ratio(rates["this server"], rate)]
+                      for name, rate in rates.items()])
         report.target("large download >= 0.9 x the faster of nginx and `http.server`",
-                      "%.2f" % ratio(rates["this server"], fastest_peer), rates["this server"] >= 0.9 * fastest_peer)
+                      "%.2f" % ratio(rates["this server"], fastest_peer),
+                      rates["this server"] >= 0.9 * fastest_peer)
 
         # Memory ------------------------------------------------------------------------
         rss_rows = [["this server, checked and served the %d MB archive" % options.large_mb, ours.peak_rss_kb()]]

@@ -206,6 +206,14 @@ class VerifiedPublicationTest(TempDirTestCase):
         download = server.get("/update/opq-box-update-1700000000.tar.bz2")
         self.assertEqual(download.body, data)
 
+    def test_a_new_update_renamed_into_place_is_offered_within_a_second(self):
+        server = self.start_server()
+        for version in (1700000000, 1700000001, 1700000002):
+            make_update(self.updates, version)   # written now, then renamed into place
+            started = time.monotonic()
+            self.assertTrue(wait_until(lambda: server.get("/version").body == str(version).encode(), 5))
+            self.assertLess(time.monotonic() - started, 1.0)
+
     def test_checksum_route_and_header_match_hashlib(self):
         path = make_update(self.updates, 1700000000)
         with open(path, "rb") as archive:

@@ -117,7 +117,8 @@ class ResolveUpdateTest(unittest.TestCase):
     def test_nothing_else_resolves(self):
         for spelling in ["../etc/passwd", "..%2f..%2fetc%2fpasswd", "%2e%2e/%2e%2e/etc/passwd",
                          "opq-box-update-1.tar.bz2%00", "opq-box-update-1.tar.bz2/", "/etc/passwd",
-                         "..\\..\\etc\\passwd", "opq-box-update-1.tar.bz2%ff", "opq-box-update-1.tar.bz2%252e", "", "."]:
+                         "..\\..\\etc\\passwd", "opq-box-update-1.tar.bz2%ff", "opq-box-update-1.tar.bz2%252e",
+                         "", "."]:
             with self.subTest(spelling=spelling):
                 self.assertIsNone(bus.resolve_update(self.snapshot, spelling))
 

@@ -169,7 +169,8 @@ class ReadmeRunCommandTest(unittest.TestCase):
             self.skipTest("port %d is taken on this machine" % settings["port"])
         examples = sorted(os.listdir(os.path.join(ROOT, settings["updates_dir"])))
         self.assertGreaterEqual(len(examples), 2)
-        process = subprocess.Popen(["bash", "-c", self.RUN_COMMAND.replace(" python3 ", " exec %s " % python_executable())],
+        command = self.RUN_COMMAND.replace(" python3 ", " exec %s " % python_executable())
+        process = subprocess.Popen(["bash", "-c", command],
                                    cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             self.assertTrue(wait_until(lambda: request(settings["port"], "GET", "/version").status == 200, 15))

@@ -14,7 +14,7 @@ import subprocess
 import threading
 import time
 
-from support import (TempDirTestCase, archive_bytes, file_member, make_update, publish, raw_exchange, record,
+from support import (TempDirTestCase, file_member, make_update, publish, raw_exchange, record,
                      require_binary, status_of, update_members, wait_until)
 
 SECRET = b"SECRET-MARKER-7f3a9c"
@@ -176,7 +176,7 @@ class LoadTest(TempDirTestCase):
                "HEAD, 404)" % (clients, per_client),
                "%d requests in %.1f s (%.0f req/s); 0 errors, 0 unexpected statuses; descriptors %d -> %d, "
                "threads %d -> %d afterwards" % (sum(counts), elapsed, sum(counts) / elapsed, baseline_fds,
-                                                 server.fd_count(), baseline_threads, server.thread_count()))
+                                                server.fd_count(), baseline_threads, server.thread_count()))
 
 
 class SlowAndIdleClientsTest(TempDirTestCase):
@@ -276,7 +276,7 @@ def hostile_requests(rng, count, update_name):
             headers.append("Range: " + rng.choice(ranges))
         elif kind == 7:
             path = rng.choice(["/", "/ls"]) + "".join(rng.choice(["%", "%z", "%2", "%%", "%e9", "\u00ff", "?", "#"])
-                                                    for _ in range(rng.randrange(1, 8)))
+                                                      for _ in range(rng.randrange(1, 8)))
         elif kind == 8:
             headers.append(rng.choice(["Content-Length: -1", "Content-Length: abc", "Transfer-Encoding: chunked",
                                        "Expect: 100-continue", "Connection: keep-alive, upgrade", ": empty name",
