@@ -28,8 +28,10 @@ import http.client
 import http.server
 import json
 import logging
+import logging.handlers
 import os
 import posixpath
+import queue
 import re
 import signal
 import socket
@@ -919,7 +921,9 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
         for name, value in headers:
             self.send_header(name, value)
         self.end_headers()
-        if self.command != "HEAD":
+        if self.command == "HEAD":
+            return
+        with tcp_corked(self.connection):   # headers and body in full segments, as nginx's tcp_nopush
             self.wfile.flush()
             self.copy_file(fileobj, first, last - first + 1, identity)
 
@@ -976,6 +980,23 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # pylint: disable=redefined-builtin
         """http.server's own messages (bad requests, timeouts), escaped."""
         logger.warning("%s %s", self.client_address[0], escape_for_log(format % args))
+
+
+@contextlib.contextmanager
+def tcp_corked(connection: socket.socket) -> Iterator[None]:
+    """Hold back partial segments while a file streams out (Linux TCP_CORK); uncorking sends the rest."""
+    cork = getattr(socket, "TCP_CORK", None)
+    if cork is None:
+        yield
+        return
+    connection.setsockopt(socket.IPPROTO_TCP, cork, 1)
+    try:
+        yield
+    finally:
+        try:
+            connection.setsockopt(socket.IPPROTO_TCP, cork, 0)
+        except OSError:
+            pass  # the client is gone
 
 
 # ---------------------------------------------------------------------------
@@ -1130,6 +1151,23 @@ def probe_health(settings: Settings) -> int:
     return 0 if healthy else 1
 
 
+def start_logging() -> logging.handlers.QueueListener:
+    """Log to stderr from one thread of its own.
+
+    Request threads only queue their records, so a slow stderr (a full pipe to a
+    container's log driver, a stopped terminal) never holds up a download or a probe.
+    """
+    records = queue.Queue()  # type: queue.Queue[logging.LogRecord]
+    stderr = logging.StreamHandler(sys.stderr)
+    stderr.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    listener = logging.handlers.QueueListener(records, stderr)
+    listener.start()
+    root = logging.getLogger()
+    root.addHandler(logging.handlers.QueueHandler(records))
+    root.setLevel(logging.INFO)
+    return listener
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the server (the default) or ``check``; return the exit status."""
     parser = argparse.ArgumentParser(
@@ -1144,20 +1182,32 @@ def main(argv: Optional[List[str]] = None) -> int:
     if arguments.command == "check":
         return check_files(arguments.files)
 
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s")
     try:
         settings, warnings = parse_settings(os.environ.get(SETTINGS_VARIABLE), os.getcwd())
-        if arguments.command == "health":
-            return probe_health(settings)
+    except SettingsError as error:
+        return refuse_to_start(error)
+    if arguments.command == "health":
+        return probe_health(settings)
+
+    listener = start_logging()
+    try:
         for warning in warnings:
             logger.warning("%s", warning)
         server = make_server(settings)
     except SettingsError as error:
-        print("box_update_server: error: %s" % error, file=sys.stderr)
-        return 1
-    serve(server)
+        listener.stop()
+        return refuse_to_start(error)
+    try:
+        serve(server)
+    finally:
+        listener.stop()
     return 0
+
+
+def refuse_to_start(error: SettingsError) -> int:
+    """One line naming the configuration problem, and exit status 1."""
+    print("box_update_server: error: %s" % error, file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -226,16 +226,22 @@ def wrk(port, path, connections, duration):
     return float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))
 
 
-def download_rate(port, path, runs):
-    """Best of several whole downloads, in MB/s (curl to /dev/null)."""
-    best = 0.0
+def download_rate(port, path):
+    """One whole download, in MB/s (curl to /dev/null)."""
+    finished = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{speed_download} %{http_code}",
+                               "http://127.0.0.1:%d%s" % (port, path)], stdout=subprocess.PIPE, check=True)
+    speed, code = finished.stdout.decode().split()
+    if code != "200":
+        raise RuntimeError("download of %s answered %s" % (path, code))
+    return float(speed) / 1e6
+
+
+def best_download_rates(targets, runs):
+    """Best of runs downloads for each (name, port, path), taken in turns so drift hits all alike."""
+    best = {name: 0.0 for name, _, _ in targets}
     for _ in range(runs):
-        finished = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{speed_download} %{http_code}",
-                                   "http://127.0.0.1:%d%s" % (port, path)], stdout=subprocess.PIPE, check=True)
-        speed, code = finished.stdout.decode().split()
-        if code != "200":
-            raise RuntimeError("download of %s answered %s" % (path, code))
-        best = max(best, float(speed) / 1e6)
+        for name, port, path in targets:
+            best[name] = max(best[name], download_rate(port, path))
     return best
 
 
@@ -344,10 +350,9 @@ def run(options):
                               "%.2f" % to_http_server, to_http_server >= 3)
 
         # Large downloads -------------------------------------------------------------
-        rates = {"this server": download_rate(ours.port, "/update/" + large, options.runs)}
-        for peer in peers:
-            if peer is not ceiling:
-                rates[peer.name] = download_rate(peer.port, "/" + large, options.runs)
+        rates = best_download_rates([("this server", ours.port, "/update/" + large)] +
+                                    [(peer.name, peer.port, "/" + large) for peer in peers if peer is not ceiling],
+                                    options.runs)
         fastest_peer = max(rate for name, rate in rates.items() if name != "this server")
         report.table("Large download (%d MB, best of %d, MB/s)" % (options.large_mb, options.runs),
                      ["server", "MB/s", "this server / it"],
@@ -368,7 +373,7 @@ def run(options):
                 for _ in range(megabytes):
                     raw.write(os.urandom(1 << 20))
             raw_server = start_box_server(raw_folder, verify=False)
-            download_rate(raw_server.port, "/update/opq-box-update-1.tar.bz2", 1)
+            download_rate(raw_server.port, "/update/opq-box-update-1.tar.bz2")
             raw_rss.append(raw_server.peak_rss_kb())
             raw_server.stop()
             shutil.rmtree(raw_folder)
@@ -426,7 +431,7 @@ def main(argv=None):
     parser.add_argument("--large-mb", type=int, default=200, help="size of the large update in MB (200)")
     parser.add_argument("--rss-large-mb", type=int, default=1024, help="file size for the RSS comparison (1024)")
     parser.add_argument("--duration", type=int, default=5, help="seconds per wrk measurement (5)")
-    parser.add_argument("--runs", type=int, default=3, help="large downloads per server, best taken (3)")
+    parser.add_argument("--runs", type=int, default=5, help="large downloads per server, best taken (5)")
     parser.add_argument("--slow-clients", type=int, default=16, help="clients downloading at 512 KB/s (16)")
     parser.add_argument("--probes", type=int, default=200, help="/ requests during the slow downloads (200)")
     parser.add_argument("--scale", type=int, nargs="+", default=[100, 1000, 10000], help="folder sizes")
