@@ -28,10 +28,8 @@ import http.client
 import http.server
 import json
 import logging
-import logging.handlers
 import os
 import posixpath
-import queue
 import re
 import signal
 import socket
@@ -984,17 +982,23 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
 
 @contextlib.contextmanager
 def tcp_corked(connection: socket.socket) -> Iterator[None]:
-    """Hold back partial segments while a file streams out (Linux TCP_CORK); uncorking sends the rest."""
+    """Send only full segments while a file streams out, as nginx's tcp_nopush does.
+
+    Linux TCP_CORK, with TCP_NODELAY off meanwhile (the two fight); switching
+    NODELAY back on at the end sends the last partial segment at once.
+    """
     cork = getattr(socket, "TCP_CORK", None)
     if cork is None:
         yield
         return
+    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 0)
     connection.setsockopt(socket.IPPROTO_TCP, cork, 1)
     try:
         yield
     finally:
         try:
             connection.setsockopt(socket.IPPROTO_TCP, cork, 0)
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass  # the client is gone
 
@@ -1151,23 +1155,6 @@ def probe_health(settings: Settings) -> int:
     return 0 if healthy else 1
 
 
-def start_logging() -> logging.handlers.QueueListener:
-    """Log to stderr from one thread of its own.
-
-    Request threads only queue their records, so a slow stderr (a full pipe to a
-    container's log driver, a stopped terminal) never holds up a download or a probe.
-    """
-    records = queue.Queue()  # type: queue.Queue[logging.LogRecord]
-    stderr = logging.StreamHandler(sys.stderr)
-    stderr.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    listener = logging.handlers.QueueListener(records, stderr)
-    listener.start()
-    root = logging.getLogger()
-    root.addHandler(logging.handlers.QueueHandler(records))
-    root.setLevel(logging.INFO)
-    return listener
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the server (the default) or ``check``; return the exit status."""
     parser = argparse.ArgumentParser(
@@ -1189,18 +1176,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if arguments.command == "health":
         return probe_health(settings)
 
-    listener = start_logging()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
+    for warning in warnings:
+        logger.warning("%s", warning)
     try:
-        for warning in warnings:
-            logger.warning("%s", warning)
         server = make_server(settings)
     except SettingsError as error:
-        listener.stop()
         return refuse_to_start(error)
-    try:
-        serve(server)
-    finally:
-        listener.stop()
+    serve(server)
     return 0
 
 

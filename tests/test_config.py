@@ -8,7 +8,8 @@ import stat
 import subprocess
 import unittest
 
-from support import ROOT, SERVER, ServerProcess, TempDirTestCase, free_port, python_executable, request, wait_until
+from support import (ROOT, SERVER, ServerProcess, TempDirTestCase, free_port, python_executable, record, request,
+                     wait_until)
 
 import box_update_server as bus
 
@@ -118,6 +119,10 @@ class BadConfigurationTest(TempDirTestCase):
         for settings_text, expected in table:
             with self.subTest(settings=settings_text):
                 self.assert_refused(settings_text, expected)
+        record("Configuration faults", "%d bad configurations (unset, empty, not JSON, not an object, keys missing, "
+               "bad ports, updates folder missing or not a folder), plus port in use and an unreadable folder "
+               "in their own tests" % len(table),
+               "each: exit status 1 and one line naming the problem, no traceback")
 
     def test_port_in_use_is_named(self):
         with socket.socket() as holder:
