@@ -889,18 +889,17 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
             self.server.catalog.suspect()  # not the file that was checked
             self.send_text(404, NOT_FOUND)
             return
-        size, modified = identity[1], identity[2] // 10**9
-        headers = [("ETag", make_etag(identity)),
-                   ("Last-Modified", email.utils.formatdate(modified, usegmt=True))]
+        size, modified, etag = identity[1], identity[2] // 10**9, make_etag(identity)
+        headers = [("ETag", etag), ("Last-Modified", email.utils.formatdate(modified, usegmt=True))]
         if update.sha256 and identity == update.identity:
             headers.append(("Repr-Digest", repr_digest(update.sha256)))
 
-        precondition = evaluate_preconditions(self.headers, headers[0][1], modified)
+        precondition = evaluate_preconditions(self.headers, etag, modified)
         if precondition is not None:
             self.send_bytes(precondition, b"", None, headers)
             return
         first, last, status = 0, size - 1, 200
-        if "Range" in self.headers and check_if_range(self.headers.get("If-Range"), headers[0][1], modified):
+        if "Range" in self.headers and check_if_range(self.headers.get("If-Range"), etag, modified):
             try:
                 selected = parse_range(self.headers.get("Range", ""), size)
             except RangeNotSatisfiable:

@@ -113,6 +113,25 @@ class ConnectionTest(TempDirTestCase):
         self.assertEqual(status_of(raw), 405)
 
 
+class IPv6Test(TempDirTestCase):
+
+    def test_host_double_colon_listens_on_ipv6_and_ipv4(self):
+        if not socket.has_ipv6:
+            self.skipTest("no IPv6 on this machine")
+        try:
+            with socket.socket(socket.AF_INET6) as probe:
+                probe.bind(("::1", 0))
+        except OSError:
+            self.skipTest("IPv6 loopback is not configured here")
+        server = self.start_server(host="::")
+        connection = http.client.HTTPConnection("::1", server.port, timeout=5)
+        connection.request("GET", "/")
+        self.assertEqual(connection.getresponse().status, 200)
+        connection.close()
+        self.assertEqual(server.get("/").status, 200)   # IPv4 through the same dual-stack socket
+        self.assertIn("listening on http://[::]:%d/" % server.port, server.log())
+
+
 class ShutdownTest(TempDirTestCase):
 
     def test_sigterm_lets_an_in_flight_download_finish_then_exits_0(self):
