@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -321,3 +322,22 @@ def _write_report():
 
 
 atexit.register(_write_report)
+
+
+def hold_connections(port, count):
+    """count idle connections that each hold one of the server's connection slots.
+
+    A connection made while an earlier client's slot is still being released is refused (503);
+    such connections are replaced until every one of them is held.
+    """
+    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
+    for _ in range(20):
+        time.sleep(0.3)
+        refused = select.select(held, [], [], 0)[0]
+        if not refused:
+            return held
+        for connection in refused:
+            held.remove(connection)
+            connection.close()
+            held.append(socket.create_connection(("127.0.0.1", port)))
+    raise AssertionError("the server kept refusing connections below its limit")

@@ -10,7 +10,7 @@ import threading
 import time
 import unittest
 
-from support import TempDirTestCase, raw_exchange, status_of, wait_until
+from support import TempDirTestCase, hold_connections, raw_exchange, status_of, wait_until
 
 import box_update_server as bus
 
@@ -97,9 +97,8 @@ class ConnectionTest(TempDirTestCase):
 
     def test_connections_beyond_the_limit_get_503(self):
         server = self.start_server(max_connections=5, idle_timeout=10)
-        held = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(5)]
+        held = hold_connections(server.port, 5)
         self.addCleanup(lambda: [connection.close() for connection in held])
-        time.sleep(0.3)
         raw = raw_exchange(server.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertEqual(status_of(raw), 503, raw)
         held.pop().close()

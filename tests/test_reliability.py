@@ -14,7 +14,7 @@ import subprocess
 import threading
 import time
 
-from support import (TempDirTestCase, file_member, make_update, publish, raw_exchange, record,
+from support import (TempDirTestCase, file_member, hold_connections, make_update, publish, raw_exchange, record,
                      require_binary, status_of, update_members, wait_until)
 
 SECRET = b"SECRET-MARKER-7f3a9c"
@@ -214,9 +214,8 @@ class SlowAndIdleClientsTest(TempDirTestCase):
     def test_a_flood_beyond_the_connection_limit_gets_a_fast_clean_answer(self):
         limit = 100
         server = self.start_server(max_connections=limit, idle_timeout=20)
-        held = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(limit)]
+        held = hold_connections(server.port, limit)
         self.addCleanup(lambda: [connection.close() for connection in held])
-        time.sleep(0.5)
         rss_before = server.peak_rss_kb()
         answers, slowest = {}, 0.0
         for _ in range(400):
