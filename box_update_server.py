@@ -498,18 +498,19 @@ class Catalog:
                       key=_Candidate.sort_key)
 
     def _check(self, candidate: _Candidate) -> Optional[Tuple[Optional[str], Optional[str]]]:
-        """(problem, sha256) for one file; None when it changed under us, so the scanner brings it again."""
+        """(problem, sha256) for one file; None when it changed under us.
+
+        Unchecked files are looked at again on every scan, so the scanner brings the new version.
+        """
         try:
             with open_regular_file(os.path.join(self.updates_dir, candidate.name)) as fileobj:
                 if file_identity(os.fstat(fileobj.fileno())) != candidate.identity:
-                    self.suspect()
                     return None
                 if self.verify:
                     sha256 = check_update_archive(fileobj, str(version_digits(candidate.name)))
                 else:
                     sha256 = hash_file(fileobj)
                 if file_identity(os.fstat(fileobj.fileno())) != candidate.identity:
-                    self.suspect()
                     return None
                 return None, sha256
         except ArchiveError as error:

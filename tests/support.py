@@ -3,6 +3,7 @@
 import atexit
 import bz2
 import http.client
+import http.server
 import io
 import json
 import os
@@ -260,8 +261,6 @@ class PrefixProxy:
     """A minimal reverse proxy mounting a backend under a path prefix, as the public deployment does."""
 
     def __init__(self, prefix, backend_port):
-        import http.server
-
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):

@@ -1,10 +1,12 @@
 """Archive checks: only whole, well-formed updates are offered, with checksums that match."""
 
+import base64
 import bz2
 import hashlib
 import io
 import os
 import subprocess
+import tarfile
 import time
 import tracemalloc
 import unittest
@@ -114,7 +116,6 @@ class CheckUpdateArchiveTest(unittest.TestCase):
     def test_memory_stays_flat_for_a_large_archive(self):
         payload_size = 48 << 20
         tar = io.BytesIO()
-        import tarfile
         with tarfile.open(fileobj=tar, mode="w") as archive:
             for info, data in update_members(1700000000):
                 archive.addfile(info, io.BytesIO(data) if data is not None else None)
@@ -231,7 +232,6 @@ class VerifiedPublicationTest(TempDirTestCase):
         self.assertEqual(answer.status, 200)
         self.assertEqual(answer.header("Content-Type"), "text/plain")
         self.assertEqual(answer.body.decode(), "%s  %s\n" % (digest.hexdigest(), name))
-        import base64
         expected = "sha-256=:%s:" % base64.b64encode(digest.digest()).decode()
         self.assertEqual(server.get("/update/" + name).header("Repr-Digest"), expected)
         ranged = server.get("/update/" + name, {"Range": "bytes=0-9"})

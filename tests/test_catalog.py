@@ -1,5 +1,6 @@
 """The catalog: which files are updates, their order, and how it follows the folder (no sockets)."""
 
+import hashlib
 import os
 import time
 import unittest
@@ -98,7 +99,6 @@ class CatalogTest(TempDirTestCase):
         path = make_update(self.updates, 14, mtime=time.time() - 60)
         catalog = self.catalog(verify=False)
         self.assertTrue(wait_until(lambda: catalog.snapshot.latest.sha256 is not None, 5))
-        import hashlib
         with open(path, "rb") as archive:
             self.assertEqual(catalog.snapshot.latest.sha256, hashlib.sha256(archive.read()).hexdigest())
 

@@ -1,12 +1,14 @@
 """Downloads: the box's real wget flow, resuming, byte ranges, validators, streaming memory."""
 
 import email.utils
+import http.client
 import os
 import subprocess
 import time
 import unittest
 
-from support import TempDirTestCase, archive_bytes, file_member, make_update, publish, require_binary, update_members
+from support import (TempDirTestCase, archive_bytes, file_member, make_update, publish, require_binary, update_members,
+                     wait_until)
 
 import box_update_server as bus
 
@@ -174,7 +176,6 @@ class DownloadTest(TempDirTestCase):
         etag = self.get().header("ETag")
         replacement = archive_bytes(update_members(1700000000))
         publish(self.path, replacement, mtime=time.time() - 30)
-        from support import wait_until
         self.assertTrue(wait_until(lambda: self.get().body == replacement, 10))
         self.assertNotEqual(self.get().header("ETag"), etag)
         self.assertEqual(self.get(If_Range=etag, Range="bytes=0-9").body, replacement)
@@ -189,7 +190,6 @@ class StreamingMemoryTest(TempDirTestCase):
             big.truncate(size)
         server = self.start_server(verify_updates=False)
         before = server.peak_rss_kb()
-        import http.client
         connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
         connection.request("GET", "/update/opq-box-update-1700000000.tar.bz2")
         answer = connection.getresponse()
