@@ -6,6 +6,7 @@ import http.client
 import http.server
 import io
 import json
+import logging
 import os
 import re
 import select
@@ -23,6 +24,13 @@ import unittest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVER = os.path.join(ROOT, "box_update_server.py")
 sys.path.insert(0, ROOT)
+
+import box_update_server as bus  # noqa: E402  (the path above first)
+
+# The heavy scenarios (100,000 files, a real Prometheus, archive bombs of hundreds of MB) run once per CI
+# run, not once per CPython: BOX_UPDATE_TESTS=quick skips them, saying so.
+QUICK = os.environ.get("BOX_UPDATE_TESTS") == "quick"
+heavy = unittest.skipIf(QUICK, "heavy scenario, skipped in quick runs (BOX_UPDATE_TESTS=quick); CI runs it once")
 
 
 # Archives -------------------------------------------------------------------
@@ -108,8 +116,10 @@ def python_executable():
 class ServerProcess:
     """The real server as a subprocess, its log in a file, on a free port."""
 
-    def __init__(self, updates_dir, **settings):
+    def __init__(self, updates_dir, user=None, command=None, **settings):
         self.updates_dir = updates_dir
+        self.user = user
+        self.command = command
         self.settings = dict(settings)
         self.log_file = tempfile.NamedTemporaryFile(prefix="box-update-server-", suffix=".log", delete=False)
         self.process = None
@@ -129,8 +139,12 @@ class ServerProcess:
                             **self.settings)
             env = dict(os.environ, BOX_UPDATE_SERVER_SETTINGS=json.dumps(settings))
             self.log_file.truncate(0)
-            self.process = subprocess.Popen([python_executable(), SERVER], env=env, cwd=ROOT,
-                                            stdout=subprocess.DEVNULL, stderr=self.log_file)
+            command = self.command or [python_executable(), SERVER]
+            if self.user is not None:    # the system Python, which any user can run
+                command = ["setpriv", "--reuid", self.user, "--regid", "nogroup", "--clear-groups",
+                           "/usr/bin/python3", SERVER]
+            self.process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                            stderr=self.log_file)
             if wait_until(lambda: "listening on" in self.log() or self.process.poll() is not None, 10):
                 if self.process.poll() is None:
                     if wait_for_checks:
@@ -145,6 +159,10 @@ class ServerProcess:
         if self.process is None or self.process.poll() is not None:
             return self.process.returncode if self.process else None
         self.process.send_signal(signum)
+        return self.wait(timeout)
+
+    def wait(self, timeout=15):
+        """Wait for the process to exit by itself; return its exit status."""
         try:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -178,6 +196,20 @@ class ServerProcess:
         with open("/proc/%d/status" % self.process.pid) as status:
             return int(re.search(r"VmHWM:\s+(\d+)", status.read()).group(1))
 
+    def rss_kb(self):
+        with open("/proc/%d/status" % self.process.pid) as status:
+            return int(re.search(r"VmRSS:\s+(\d+)", status.read()).group(1))
+
+    def cpu_seconds(self):
+        """User and system CPU time the process has used."""
+        with open("/proc/%d/stat" % self.process.pid) as stat_file:
+            fields = stat_file.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def access_lines(self, request):
+        """The access log lines of one request, e.g. '"GET /ls"'."""
+        return [line for line in self.log().splitlines() if request in line and " INFO " in line]
+
 
 class Response:
     def __init__(self, status, headers, body):
@@ -187,8 +219,10 @@ class Response:
         return self.headers.get(name)
 
 
-def request(port, method, path, headers=None, timeout=10):
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+def request(port, method, path, headers=None, timeout=10, source=None):
+    """One request on its own connection, from source (an address in 127.0.0.0/8) if given."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout,
+                                            source_address=(source, 0) if source else None)
     try:
         connection.request(method, path, headers=headers or {})
         response = connection.getresponse()
@@ -198,9 +232,9 @@ def request(port, method, path, headers=None, timeout=10):
         connection.close()
 
 
-def raw_exchange(port, data, timeout=5):
+def raw_exchange(port, data, timeout=5, source="127.0.0.1"):
     """Send raw bytes, read until the server closes or goes quiet; return what came back."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as connection:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0)) as connection:
         connection.sendall(data)
         try:
             connection.shutdown(socket.SHUT_WR)
@@ -253,6 +287,17 @@ class TempDirTestCase(unittest.TestCase):
 
     def start_server(self, wait_for_checks=True, **settings):
         server = ServerProcess(self.updates, **settings)
+        self.addCleanup(server.__exit__)
+        return server.start(wait_for_checks)
+
+    def start_server_as(self, user, wait_for_checks=True, **settings):
+        """The server as another user (root reads every file whatever its mode), or as ourselves if not root."""
+        if os.geteuid() != 0:
+            return self.start_server(wait_for_checks, **settings)
+        if not (shutil.which("setpriv") and os.path.exists("/usr/bin/python3")):
+            raise unittest.SkipTest("running as root without setpriv and /usr/bin/python3 to drop privileges")
+        os.chmod(self.tmp, 0o755)
+        server = ServerProcess(self.updates, user=user, **settings)
         self.addCleanup(server.__exit__)
         return server.start(wait_for_checks)
 
@@ -323,20 +368,141 @@ def _write_report():
 atexit.register(_write_report)
 
 
-def hold_connections(port, count):
-    """count idle connections that each hold one of the server's connection slots.
+def connect(port, source="127.0.0.1", timeout=10):
+    """A TCP connection to the server from an address in 127.0.0.0/8 (each one is a different client)."""
+    return socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0))
+
+
+def hold_connections(port, count, source="127.0.0.1"):
+    """count idle connections (no request sent) that each hold one of the server's slots.
 
     A connection made while an earlier client's slot is still being released is refused (503);
     such connections are replaced until every one of them is held.
     """
-    held = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
+    held = [connect(port, source) for _ in range(count)]
     for _ in range(20):
-        time.sleep(0.3)
+        time.sleep(0.2)
         refused = select.select(held, [], [], 0)[0]
         if not refused:
             return held
         for connection in refused:
             held.remove(connection)
             connection.close()
-            held.append(socket.create_connection(("127.0.0.1", port)))
+            held.append(connect(port, source))
+    close_all(held)
     raise AssertionError("the server kept refusing connections below its limit")
+
+
+def close_all(connections):
+    for connection in connections:
+        connection.close()
+
+
+class SlowDownload(threading.Thread):
+    """A raw-socket download read at a fixed rate through a small receive buffer, as on a thin home link.
+
+    rate 0 reads nothing after the headers until resume is set, then reads the rest at once: a client
+    that stalled.
+    """
+
+    def __init__(self, port, path, rate, extra_headers=b"", source="127.0.0.1"):
+        super().__init__(daemon=True)
+        self.port, self.path, self.rate, self.extra_headers, self.source = port, path, rate, extra_headers, source
+        self.status = self.content_length = None
+        self.body = b""
+        self.closed_early = False
+        self.error = None
+        self.headers_received = threading.Event()
+        self.resume = threading.Event()
+
+    def run(self):
+        try:
+            with socket.socket() as connection:
+                connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+                connection.settimeout(60)
+                connection.bind((self.source, 0))
+                connection.connect(("127.0.0.1", self.port))
+                connection.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n%s\r\n" % (self.path.encode(), self.extra_headers))
+                received = b""
+                while b"\r\n\r\n" not in received:
+                    chunk = connection.recv(4096)
+                    if not chunk:
+                        raise ConnectionError("closed before the headers")
+                    received += chunk
+                head, body = received.split(b"\r\n\r\n", 1)
+                self.status = status_of(head)
+                self.content_length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+                self.headers_received.set()
+                if self.rate == 0:
+                    self.resume.wait(60)
+                parts, total, started = [body], len(body), time.monotonic()
+                while total < self.content_length:
+                    chunk = connection.recv(16384)
+                    if not chunk:
+                        self.closed_early = True
+                        break
+                    parts.append(chunk)
+                    total += len(chunk)
+                    delay = total / self.rate - (time.monotonic() - started) if self.rate else 0
+                    if delay > 0:
+                        time.sleep(delay)
+                self.body = b"".join(parts)
+        except Exception as error:  # the test asserts on it
+            self.error = error
+        finally:
+            self.headers_received.set()
+
+
+class HealthWatcher(threading.Thread):
+    """OPQ Health's probe, every 100 ms while a test runs, with its 2 s timeout."""
+
+    def __init__(self, port, source="127.0.0.1"):
+        super().__init__(daemon=True)
+        self.port, self.source = port, source
+        self.stopping, self.latencies, self.failures = threading.Event(), [], []
+
+    def run(self):
+        while not self.stopping.is_set():
+            started = time.monotonic()
+            try:
+                answer = request(self.port, "GET", "/", timeout=2, source=self.source)
+                if answer.status != 200:
+                    self.failures.append(answer.status)
+            except Exception as error:  # noted as a failure
+                self.failures.append(repr(error))
+            self.latencies.append(time.monotonic() - started)
+            self.stopping.wait(0.1)
+
+    def stop(self):
+        self.stopping.set()
+        self.join(10)
+        return self
+
+
+class InProcessServer:
+    """The server inside the test process, for a handler a test changes (a bug, a smaller copy_chunk).
+
+    Its log lines (access lines included) are collected in .log; the logger is restored afterwards.
+    """
+
+    def __init__(self, test, updates_dir, handler=bus.UpdateRequestHandler, **settings):
+        settings = bus.Settings(port=1, updates_dir=updates_dir, host="127.0.0.1")._replace(port=0, **settings)
+        self.log = []
+        log_handler = logging.Handler()
+        log_handler.emit = lambda record: self.log.append(record.getMessage())
+        bus.logger.addHandler(log_handler)
+        test.addCleanup(bus.logger.removeHandler, log_handler)
+        test.addCleanup(bus.logger.setLevel, bus.logger.level)
+        bus.logger.setLevel(logging.INFO)
+        self.catalog = bus.Catalog(updates_dir, verify=settings.verify_updates)
+        self.catalog.start()
+        test.addCleanup(self.catalog.stop)
+        self.server = bus.BoxUpdateServer(settings, self.catalog, handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        test.addCleanup(self.server.server_close)
+        test.addCleanup(self.server.shutdown)
+        self.port = self.server.server_address[1]
+        wait_until(lambda: self.catalog.snapshot.waiting == 0, 30)
+
+    def get(self, path, headers=None):
+        return request(self.port, "GET", path, headers)

@@ -1,5 +1,6 @@
 """Settings: parsing without sockets, and every bad configuration ending the real process cleanly."""
 
+import ipaddress
 import json
 import os
 import shutil
@@ -34,10 +35,31 @@ class ParseSettingsTest(unittest.TestCase):
     def test_optional_settings_are_read(self):
         settings, _ = bus.parse_settings(json.dumps({
             "port": 80, "updates_dir": "/u", "host": "127.0.0.1", "idle_timeout": 2, "shutdown_grace": 0.5,
-            "max_connections": 10, "verify_updates": False}))
-        self.assertEqual((settings.host, settings.idle_timeout, settings.shutdown_grace,
-                          settings.max_connections, settings.verify_updates),
-                         ("127.0.0.1", 2.0, 0.5, 10, False))
+            "request_header_timeout": 3, "max_connections": 10, "max_connections_per_client": 7,
+            "verify_updates": False, "trusted_proxies": ["10.1.2.3", "fd00::/8"], "metrics_allow": ["192.0.2.0/24"],
+            "allowed_signers": "keys/allowed_signers"}), cwd="/opt/box")
+        self.assertEqual((settings.host, settings.idle_timeout, settings.shutdown_grace, settings.request_header_timeout,
+                          settings.max_connections, settings.max_connections_per_client, settings.verify_updates),
+                         ("127.0.0.1", 2.0, 0.5, 3.0, 10, 7, False))
+        self.assertEqual(settings.trusted_proxies, (ipaddress.ip_network("10.1.2.3/32"), ipaddress.ip_network("fd00::/8")))
+        self.assertEqual(settings.metrics_allow, (ipaddress.ip_network("192.0.2.0/24"),))
+        self.assertEqual(settings.allowed_signers, "/opt/box/keys/allowed_signers")
+
+    def test_defaults_protect_out_of_the_box(self):
+        settings, _ = bus.parse_settings('{"port": 80, "updates_dir": "/u"}')
+        self.assertLessEqual(settings.request_header_timeout, 20)
+        self.assertEqual(settings.max_connections_per_client, settings.max_connections // 4)
+        self.assertEqual(settings.trusted_proxies, ())
+        self.assertIsNone(settings.allowed_signers)
+        for address, allowed in [("127.0.0.1", True), ("::1", True), ("10.9.8.7", True), ("172.20.0.1", True),
+                                 ("192.168.1.1", True), ("fd12::1", True), ("8.8.8.8", False), ("2001:db8::1", False)]:
+            with self.subTest(address=address):
+                self.assertEqual(bus.in_networks(bus.parse_address(address), settings.metrics_allow), allowed)
+        # a quarter of whatever max_connections is set to, unless set itself
+        settings, _ = bus.parse_settings('{"port": 80, "updates_dir": "/u", "max_connections": 40}')
+        self.assertEqual(settings.max_connections_per_client, 10)
+        settings, _ = bus.parse_settings('{"port": 80, "updates_dir": "/u", "max_connections": 2}')
+        self.assertEqual(settings.max_connections_per_client, 1)
 
     def test_unknown_key_is_a_warning_not_an_error(self):
         settings, warnings = bus.parse_settings('{"port": 80, "updates_dir": "/u", "colour": "blue"}')
@@ -63,6 +85,13 @@ class ParseSettingsTest(unittest.TestCase):
             ('{"port": 80, "updates_dir": "/u", "idle_timeout": 0}', "idle_timeout"),
             ('{"port": 80, "updates_dir": "/u", "max_connections": "many"}', "max_connections"),
             ('{"port": 80, "updates_dir": "/u", "verify_updates": "yes"}', "verify_updates"),
+            ('{"port": 80, "updates_dir": "/u", "request_header_timeout": -1}', "request_header_timeout"),
+            ('{"port": 80, "updates_dir": "/u", "max_connections_per_client": 0}', "max_connections_per_client"),
+            ('{"port": 80, "updates_dir": "/u", "trusted_proxies": "10.0.0.1"}', "trusted_proxies must be a list"),
+            ('{"port": 80, "updates_dir": "/u", "trusted_proxies": ["10.0.0.300"]}', "'10.0.0.300' is not an address"),
+            ('{"port": 80, "updates_dir": "/u", "metrics_allow": [7]}', "metrics_allow: 7 is not an address"),
+            ('{"port": 80, "updates_dir": "/u", "allowed_signers": ""}', "allowed_signers must be a non-empty path"),
+            ('{"port": 80, "updates_dir": "/u", "host": 5}', "host must be a string"),
         ]
         for text, expected in cases:
             with self.subTest(text=text):
@@ -113,15 +142,29 @@ class BadConfigurationTest(TempDirTestCase):
             (json.dumps({"port": "http", "updates_dir": self.updates}), "port must be an integer"),
             (json.dumps({"port": 70000, "updates_dir": self.updates}), "between 1 and 65535"),
             (json.dumps({"port": -1, "updates_dir": self.updates}), "between 1 and 65535"),
-            (json.dumps({"port": port, "updates_dir": os.path.join(self.tmp, "missing")}), "does not exist"),
+            (json.dumps({"port": port, "updates_dir": os.path.join(self.tmp, "missing")}), "is missing"),
             (json.dumps({"port": port, "updates_dir": a_file}), "is not a folder"),
         ]
         for settings_text, expected in table:
             with self.subTest(settings=settings_text):
                 self.assert_refused(settings_text, expected)
+        missing_keys = os.path.join(self.tmp, "no-such-allowed-signers")
+        broken_keys = os.path.join(self.tmp, "allowed_signers")
+        with open(broken_keys, "w") as keys:
+            keys.write("# operators\n\nalice@example.org ssh-ed25519\n")
+        table += [
+            (json.dumps({"port": port, "updates_dir": self.updates, "allowed_signers": missing_keys}),
+             "allowed_signers %s cannot be read" % missing_keys),
+            (json.dumps({"port": port, "updates_dir": self.updates, "allowed_signers": broken_keys}), "line 3"),
+            (json.dumps({"port": port, "updates_dir": self.updates, "trusted_proxies": ["proxy.example"]}),
+             "'proxy.example' is not an address"),
+        ]
+        for settings_text, expected in table[-3:]:
+            with self.subTest(settings=settings_text):
+                self.assert_refused(settings_text, expected)
         record("Configuration faults", "%d bad configurations (unset, empty, not JSON, not an object, keys missing, "
-               "bad ports, updates folder missing or not a folder), plus port in use and an unreadable folder "
-               "in their own tests" % len(table),
+               "bad ports, updates folder missing or not a folder, allowed_signers missing or malformed, a proxy "
+               "named by host name), plus port in use and an unreadable folder in their own tests" % len(table),
                "each: exit status 1 and one line naming the problem, no traceback")
 
     def test_port_in_use_is_named(self):

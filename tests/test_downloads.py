@@ -7,82 +7,10 @@ import subprocess
 import time
 import unittest
 
-from support import (TempDirTestCase, archive_bytes, file_member, make_update, publish, require_binary, update_members,
-                     wait_until)
+from support import (InProcessServer, SlowDownload, TempDirTestCase, archive_bytes, file_member, make_update, publish,
+                     record, require_binary, update_members, wait_until)
 
 import box_update_server as bus
-
-
-class ParseRangeTest(unittest.TestCase):
-    """RFC 9110 §14.1.2 byte ranges, without sockets."""
-
-    def test_satisfiable_ranges(self):
-        cases = {"bytes=0-9": (0, 9), "bytes=10-": (10, 99), "bytes=-10": (90, 99), "bytes=90-500": (90, 99),
-                 "bytes=-500": (0, 99), "BYTES = 5-5": (5, 5), "bytes=0-9,": (0, 9), "bytes=99-99": (99, 99)}
-        for header, expected in cases.items():
-            with self.subTest(header=header):
-                self.assertEqual(bus.parse_range(header, 100), expected)
-
-    def test_unsatisfiable_ranges(self):
-        for header, size in [("bytes=100-", 100), ("bytes=100-200", 100), ("bytes=-0", 100), ("bytes=0-", 0),
-                             ("bytes=-5", 0)]:
-            with self.subTest(header=header, size=size):
-                with self.assertRaises(bus.RangeNotSatisfiable):
-                    bus.parse_range(header, size)
-
-    def test_malformed_or_multiple_ranges_are_ignored(self):
-        for header in ["bytes=", "bytes=-", "bytes=a-b", "bytes=5-1", "items=0-9", "bytes 0-9", "bytes=0-9,20-29",
-                       "bytes=\u0661-\u0662", "bytes=1.5-2", "bytes=--1", "bytes=0x10-", "", "bytes=1-2-3"]:
-            with self.subTest(header=header):
-                self.assertIsNone(bus.parse_range(header, 100))
-
-
-class PreconditionsTest(unittest.TestCase):
-    """RFC 9110 §13 conditional requests, without sockets."""
-
-    ETAG = '"abc-1"'
-    MODIFIED = 1700000000
-
-    def evaluate(self, **headers):
-        return bus.evaluate_preconditions({k.replace("_", "-"): v for k, v in headers.items()}, self.ETAG,
-                                          self.MODIFIED)
-
-    def date(self, seconds):
-        return email.utils.formatdate(seconds, usegmt=True)
-
-    def test_no_conditions(self):
-        self.assertIsNone(self.evaluate())
-
-    def test_if_none_match(self):
-        self.assertEqual(self.evaluate(If_None_Match=self.ETAG), 304)
-        self.assertEqual(self.evaluate(If_None_Match='"x", W/"abc-1"'), 304)  # weak comparison
-        self.assertEqual(self.evaluate(If_None_Match="*"), 304)
-        self.assertIsNone(self.evaluate(If_None_Match='"other"'))
-        self.assertIsNone(self.evaluate(If_None_Match="garbage"))
-
-    def test_if_modified_since(self):
-        self.assertEqual(self.evaluate(If_Modified_Since=self.date(self.MODIFIED)), 304)
-        self.assertIsNone(self.evaluate(If_Modified_Since=self.date(self.MODIFIED - 1)))
-        self.assertIsNone(self.evaluate(If_Modified_Since="yesterday"))
-        # If-None-Match takes precedence over If-Modified-Since
-        self.assertIsNone(self.evaluate(If_None_Match='"other"', If_Modified_Since=self.date(self.MODIFIED)))
-
-    def test_if_match_and_if_unmodified_since(self):
-        self.assertIsNone(self.evaluate(If_Match=self.ETAG))
-        self.assertEqual(self.evaluate(If_Match='"other"'), 412)
-        self.assertEqual(self.evaluate(If_Match='W/"abc-1"'), 412)  # strong comparison
-        self.assertEqual(self.evaluate(If_Unmodified_Since=self.date(self.MODIFIED - 1)), 412)
-        self.assertIsNone(self.evaluate(If_Unmodified_Since=self.date(self.MODIFIED)))
-        self.assertIsNone(self.evaluate(If_Match=self.ETAG, If_Unmodified_Since=self.date(0)))
-
-    def test_if_range(self):
-        self.assertTrue(bus.check_if_range(None, self.ETAG, self.MODIFIED))
-        self.assertTrue(bus.check_if_range(self.ETAG, self.ETAG, self.MODIFIED))
-        self.assertFalse(bus.check_if_range('W/"abc-1"', self.ETAG, self.MODIFIED))
-        self.assertFalse(bus.check_if_range('"old"', self.ETAG, self.MODIFIED))
-        self.assertTrue(bus.check_if_range(self.date(self.MODIFIED), self.ETAG, self.MODIFIED))
-        self.assertFalse(bus.check_if_range(self.date(self.MODIFIED + 1), self.ETAG, self.MODIFIED))
-        self.assertFalse(bus.check_if_range("not a date", self.ETAG, self.MODIFIED))
 
 
 class DownloadTest(TempDirTestCase):
@@ -154,6 +82,19 @@ class DownloadTest(TempDirTestCase):
                 answer = self.get(Range=header)
                 self.assertEqual((answer.status, answer.body), (200, self.data))
 
+    def test_an_update_is_cacheable_for_good(self):
+        answer = self.get()
+        self.assertEqual(answer.header("Cache-Control"), "public, max-age=31536000, immutable")
+        self.assertEqual(self.get(Range="bytes=0-9").header("Cache-Control"), "public, max-age=31536000, immutable")
+        checksum = self.server.get("/update/%s.sha256" % self.name)
+        self.assertEqual(checksum.header("Cache-Control"), "public, max-age=31536000, immutable")
+        revalidated = self.server.get("/update/%s.sha256" % self.name, {"If-None-Match": checksum.header("ETag")})
+        self.assertEqual((revalidated.status, revalidated.body), (304, b""))
+
+    def test_range_is_for_get_only(self):
+        answer = self.server.request("HEAD", "/update/" + self.name, {"Range": "bytes=0-9"})
+        self.assertEqual((answer.status, answer.header("Content-Length")), (200, str(len(self.data))))
+
     def test_validators(self):
         answer = self.get()
         etag, modified = answer.header("ETag"), answer.header("Last-Modified")
@@ -179,6 +120,88 @@ class DownloadTest(TempDirTestCase):
         self.assertTrue(wait_until(lambda: self.get().body == replacement, 10))
         self.assertNotEqual(self.get().header("ETag"), etag)
         self.assertEqual(self.get(If_Range=etag, Range="bytes=0-9").body, replacement)
+
+
+class SlowDownloadTest(TempDirTestCase):
+    """Slow is not idle: a download that keeps moving is never cut; one that stops is, and the log says how far."""
+
+    SIZE = 6 << 20
+
+    def setUp(self):
+        super().setUp()
+        self.data = os.urandom(self.SIZE)
+        publish(os.path.join(self.updates, "opq-box-update-1700000000.tar.bz2"), self.data, mtime=time.time() - 60)
+        self.path = "/update/opq-box-update-1700000000.tar.bz2"
+
+    def test_a_steady_download_longer_than_the_idle_timeout_completes(self):
+        # more than the kernel buffers hold, read at 1 MB/s against a 1 s idle timeout: sendfile waits for
+        # writable space far longer than 1 s between sends, and the client never stops moving
+        server = self.start_server(verify_updates=False, idle_timeout=1)
+        download = SlowDownload(server.port, self.path, 1 << 20)
+        download.start()
+        download.join(60)
+        self.assertIsNone(download.error)
+        self.assertFalse(download.closed_early)
+        self.assertEqual(download.body, self.data)
+        self.assertTrue(wait_until(lambda: server.access_lines('"GET %s" 200 %d ' % (self.path, self.SIZE)), 5))
+        record("Slow and idle clients", "a 6 MB download read steadily at 1 MB/s through a 32 kB receive "
+               "buffer, idle_timeout 1 s", "completed with identical bytes; the access line counts all %d bytes"
+               % self.SIZE)
+
+    def test_a_stalled_download_is_cut_and_logged_with_the_bytes_that_left(self):
+        server = self.start_server(verify_updates=False, idle_timeout=1)
+        download = SlowDownload(server.port, self.path, 0)
+        download.start()
+        self.addCleanup(download.resume.set)
+        self.assertTrue(wait_until(lambda: server.access_lines('"GET %s" 200 ' % self.path), 15), server.log())
+        line = server.access_lines('"GET %s" 200 ' % self.path)[0]
+        logged = int(line.split('" 200 ')[1].split()[0])
+        self.assertGreater(logged, 0)
+        self.assertLess(logged, self.SIZE // 2, "the client read nothing; the kernel buffers hold a few MB at most")
+        self.assertIn("cut after", server.log())
+        download.resume.set()
+        download.join(30)
+        self.assertTrue(download.closed_early)
+        self.assertEqual(download.body, self.data[:len(download.body)])
+
+
+class ChangedFileTest(TempDirTestCase):
+    """The bytes a box receives are the bytes that were checked, or the connection closes early."""
+
+    class SmallChunkHandler(bus.UpdateRequestHandler):
+        copy_chunk = 64 << 10
+
+    def test_a_file_changed_after_its_check_is_not_served(self):
+        path = make_update(self.updates, 1700000000, mtime=time.time() - 60)
+        with open(path, "rb") as archive:
+            data = archive.read()
+        server = InProcessServer(self, self.updates)
+        self.assertEqual(server.get("/update/" + os.path.basename(path)).body, data)
+        server.catalog.stop()            # the watcher sleeps: only the identity check can notice
+        with open(path, "r+b") as rewrite:
+            rewrite.write(b"BZh9 rewritten in place")
+        answer = server.get("/update/" + os.path.basename(path))
+        self.assertEqual((answer.status, answer.body), (404, b"Resource not found."))
+        self.assertIn(os.path.basename(path), server.catalog.watcher._requested)  # pylint: disable=W0212
+
+    def test_a_file_rewritten_during_a_download_ends_it_at_the_next_chunk(self):
+        size = 8 << 20      # more than the kernel buffers take while the client stalls
+        path = os.path.join(self.updates, "opq-box-update-1700000000.tar.bz2")
+        data = os.urandom(size)
+        publish(path, data, mtime=time.time() - 60)
+        server = InProcessServer(self, self.updates, handler=self.SmallChunkHandler, verify_updates=False)
+        download = SlowDownload(server.port, "/update/" + os.path.basename(path), 0)
+        download.start()
+        self.assertTrue(download.headers_received.wait(10))
+        time.sleep(0.5)                                # the server fills the buffers and waits
+        with open(path, "r+b") as rewrite:             # same size, other bytes: only the identity shows it
+            rewrite.seek(size // 2)
+            rewrite.write(os.urandom(size // 2))
+        download.resume.set()
+        download.join(60)
+        self.assertIsNone(download.error)
+        self.assertTrue(download.closed_early, "the whole changed file was sent")
+        self.assertTrue(any("the file changed" in line for line in server.log), server.log)
 
 
 class StreamingMemoryTest(TempDirTestCase):

@@ -1,0 +1,1011 @@
+"""Tests for the OpenSSH signature verifier: RFC 8032 vectors, RFC 8017 encoding rules, the allowed_signers
+and PROTOCOL.sshsig formats, fixed ssh-keygen signatures, and live round trips with ssh-keygen when installed."""
+
+import base64
+import calendar
+import hashlib
+import io
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import unittest
+
+from support import (SERVER, TempDirTestCase, archive_bytes, make_update, publish, python_executable, update_members,
+                     wait_until)
+
+import box_update_server as sig
+
+NAMESPACE = "opq-box-update"
+SSH_KEYGEN = shutil.which("ssh-keygen")
+P = 2 ** 255 - 19
+L = 2 ** 252 + 27742317777372353535851937790883648493
+BASE_POINT_ENCODED = bytes.fromhex("58" + "66" * 31)  # RFC 8032 §5.1: B, y = 4/5, x even
+
+# RFC 8032 §7.1: (name, public key, message, signature)
+TEST_1024_MESSAGE = (
+    "08b8b2b733424243760fe426a4b54908632110a66c2f6591eabd3345e3e4eb98"
+    "fa6e264bf09efe12ee50f8f54e9f77b1e355f6c50544e23fb1433ddf73be84d8"
+    "79de7c0046dc4996d9e773f4bc9efe5738829adb26c81b37c93a1b270b20329d"
+    "658675fc6ea534e0810a4432826bf58c941efb65d57a338bbd2e26640f89ffbc"
+    "1a858efcb8550ee3a5e1998bd177e93a7363c344fe6b199ee5d02e82d522c4fe"
+    "ba15452f80288a821a579116ec6dad2b3b310da903401aa62100ab5d1a36553e"
+    "06203b33890cc9b832f79ef80560ccb9a39ce767967ed628c6ad573cb116dbef"
+    "efd75499da96bd68a8a97b928a8bbc103b6621fcde2beca1231d206be6cd9ec7"
+    "aff6f6c94fcd7204ed3455c68c83f4a41da4af2b74ef5c53f1d8ac70bdcb7ed1"
+    "85ce81bd84359d44254d95629e9855a94a7c1958d1f8ada5d0532ed8a5aa3fb2"
+    "d17ba70eb6248e594e1a2297acbbb39d502f1a8c6eb6f1ce22b3de1a1f40cc24"
+    "554119a831a9aad6079cad88425de6bde1a9187ebb6092cf67bf2b13fd65f270"
+    "88d78b7e883c8759d2c4f5c65adb7553878ad575f9fad878e80a0c9ba63bcbcc"
+    "2732e69485bbc9c90bfbd62481d9089beccf80cfe2df16a2cf65bd92dd597b07"
+    "07e0917af48bbb75fed413d238f5555a7a569d80c3414a8d0859dc65a46128ba"
+    "b27af87a71314f318c782b23ebfe808b82b0ce26401d2e22f04d83d1255dc51a"
+    "ddd3b75a2b1ae0784504df543af8969be3ea7082ff7fc9888c144da2af58429e"
+    "c96031dbcad3dad9af0dcbaaaf268cb8fcffead94f3c7ca495e056a9b47acdb7"
+    "51fb73e666c6c655ade8297297d07ad1ba5e43f1bca32301651339e22904cc8c"
+    "42f58c30c04aafdb038dda0847dd988dcda6f3bfd15c4b4c4525004aa06eeff8"
+    "ca61783aacec57fb3d1f92b0fe2fd1a85f6724517b65e614ad6808d6f6ee34df"
+    "f7310fdc82aebfd904b01e1dc54b2927094b2db68d6f903b68401adebf5a7e08"
+    "d78ff4ef5d63653a65040cf9bfd4aca7984a74d37145986780fc0b16ac451649"
+    "de6188a7dbdf191f64b5fc5e2ab47b57f7f7276cd419c17a3ca8e1b939ae49e4"
+    "88acba6b965610b5480109c8b17b80e1b7b750dfc7598d5d5011fd2dcc5600a3"
+    "2ef5b52a1ecc820e308aa342721aac0943bf6686b64b2579376504ccc493d97e"
+    "6aed3fb0f9cd71a43dd497f01f17c0e2cb3797aa2a2f256656168e6c496afc5f"
+    "b93246f6b1116398a346f1a641f3b041e989f7914f90cc2c7fff357876e506b5"
+    "0d334ba77c225bc307ba537152f3f1610e4eafe595f6d9d90d11faa933a15ef1"
+    "369546868a7f3a45a96768d40fd9d03412c091c6315cf4fde7cb68606937380d"
+    "b2eaaa707b4c4185c32eddcdd306705e4dc1ffc872eeee475a64dfac86aba41c"
+    "0618983f8741c5ef68d3a101e8a3b8cac60c905c15fc910840b94c00a0b9d0")
+RFC_8032_VECTORS = (
+    ("TEST 1", "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a", "",
+     "e5564300c360ac729086e2cc806e828a84877f1eb8e5d974d873e065224901555fb8821590a33bacc61e39701cf9b46bd25bf5f05"
+     "95bbe24655141438e7a100b"),
+    ("TEST 2", "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c", "72",
+     "92a009a9f0d4cab8720e820b5f642540a2b27b5416503f8fb3762223ebdb69da085ac1e43e15996e458f3613d0f11d8c387b2eaeb"
+     "4302aeeb00d291612bb0c00"),
+    ("TEST 3", "fc51cd8e6218a1a38da47ed00230f0580816ed13ba3303ac5deb911548908025", "af82",
+     "6291d657deec24024827e69c3abe01a30ce548a284743a445e3680d7db5ac3ac18ff9b538d16f290ae67f760984dc6594a7c15e97"
+     "16ed28dc027beceea1ec40a"),
+    ("TEST 1024", "278117fc144c72340f67d0f2316e8386ceffbf2b2428c9c51fef7c597f1d426e", TEST_1024_MESSAGE,
+     "0aab4c900501b3e24d7cdf4663326a3a87df5e4843b2cbdb67cbf6e460fec350aa5371b1508f9f4528ecea23c436d94b5e8fcd4f6"
+     "81e30a6ac00a9704a188a03"),
+    ("TEST SHA(abc)", "ec172b93ad5e563bf4932c70e1245034c35467ef2efd4d64ebf819683467e2bf",
+     "ddaf35a193617abacc417349ae20413112e6fa4e89a97ea20a9eeee64b55d39a2192992a274fc1a836ba3c23a3feebbd454d4423"
+     "643ce80e2a9ac94fa54ca49f",
+     "dc2a4459e7369633a52b1bf277839a00201009a3efbf3ecb69bea2186c26b58909351fc9ac90b3ecfdfbc7c66431e0303dca179c1"
+     "38ac17ad9bef1177331a704"),
+)
+
+# Made once with OpenSSH 9.2's ssh-keygen -Y sign -n opq-box-update (default hash sha512), so that the format
+# tests run where ssh-keygen is not installed.
+FIXTURE_MESSAGE = b"OPQ Box update fixture\n"
+FIXTURE_ED25519_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIIJAJNTdey9v7XI1FTFCwcnqRFzgiORbQ/RKrw9OStfK"
+FIXTURE_ED25519_SIGNATURE = b"""-----BEGIN SSH SIGNATURE-----
+U1NIU0lHAAAAAQAAADMAAAALc3NoLWVkMjU1MTkAAAAggkAk1N17L2/tcjUVMULByepEXO
+CI5FtD9EqvD05K18oAAAAOb3BxLWJveC11cGRhdGUAAAAAAAAABnNoYTUxMgAAAFMAAAAL
+c3NoLWVkMjU1MTkAAABADgneTCjDTLod27TInbadXtOkWVpdG2+zdfAO08RKS5QwWjZdy3
+GqUzL19ax1h58seaWcS32QHA6HXf4Qh0JyDA==
+-----END SSH SIGNATURE-----
+"""
+FIXTURE_RSA_KEY = (
+    "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQC5Bc8Ml5tGB9xp3VE54jqaR54TAynqb7xWKXZiuKSCU9VQkB3mgOr4yJIbBmmf+hgcnk0R"
+    "hZkBCXYBWZDWyKJRT5hBqMrZmXTE21xnyWXphWFcMhYHgbNEyomfB3QkCvm/Hlfk0l5Y6MnTdrPPVfSFko3QuMQSG/n1Q44Vb/5rwAtMwT"
+    "IeF46ayn8AuudWYSRYsSNFu0Sob+UxR0ckpAxl1EjI3s8Mql/J1nyYzzWS8c1wnwHK6+N7QVrtcS9kCa8C3gU9PSe/pTS2bPMKyhR9VMjJ"
+    "20dTijXalBmIg10NzM5cDHQQctJ+VGu/w5fD/vUWnI88XwyjLl3wK814aWCf")
+FIXTURE_RSA_SIGNATURE = b"""-----BEGIN SSH SIGNATURE-----
+U1NIU0lHAAAAAQAAARcAAAAHc3NoLXJzYQAAAAMBAAEAAAEBALkFzwyXm0YH3GndUTniOp
+pHnhMDKepvvFYpdmK4pIJT1VCQHeaA6vjIkhsGaZ/6GByeTRGFmQEJdgFZkNbIolFPmEGo
+ytmZdMTbXGfJZemFYVwyFgeBs0TKiZ8HdCQK+b8eV+TSXljoydN2s89V9IWSjdC4xBIb+f
+VDjhVv/mvAC0zBMh4XjprKfwC651ZhJFixI0W7RKhv5TFHRySkDGXUSMjezwyqX8nWfJjP
+NZLxzXCfAcrr43tBWu1xL2QJrwLeBT09J7+lNLZs8wrKFH1UyMnbR1OKNdqUGYiDXQ3Mzl
+wMdBBy0n5Ua7/Dl8P+9RacjzxfDKMuXfArzXhpYJ8AAAAOb3BxLWJveC11cGRhdGUAAAAA
+AAAABnNoYTUxMgAAARQAAAAMcnNhLXNoYTItNTEyAAABABhYAGVFfQo5QTgqQfw0OewVZa
+i9OM3E2zgSW8YosurOys7LKDjGGr++hCnfqU3nBlBD01VQm9I//ykTfAlYaRkACn9Xph8i
+QWg1/Bu5sFdYuuXbBs2qhKHO/GLvgAocGY3NNjBMfqiKasOWkbSiAyde711aNXsYpCoUR8
+LJwY+IWCKnnJ1HhQOIp34geKJoCPr0ATyH9IJtyQPQ1ujPm/2DIwg6RYpesSlVfPdA6xXD
+1ZUEA8WsUTGv5l+nwvo/KBvCwXdATzpe6ajdeJ/8Cl4zDwL0zi16IXtuDtRCbletFLLOf0
+lq0EdvhsmmCp/mJ4VDYQ0q+NSK+BpO91r7i6w=
+-----END SSH SIGNATURE-----
+"""
+FIXTURE_SIGNERS = "alice@example.com %s\nbob@example.com %s\n" % (FIXTURE_ED25519_KEY, FIXTURE_RSA_KEY)
+
+
+def ssh_string(data):
+    """RFC 4251 §5 string, written independently of the module under test."""
+    return len(data).to_bytes(4, "big") + data
+
+
+def ssh_mpint(value):
+    """RFC 4251 §5 mpint of a positive integer."""
+    return ssh_string(value.to_bytes(value.bit_length() // 8 + 1, "big"))
+
+
+def read_strings(blob):
+    """Splits a blob made only of SSH strings."""
+    fields = []
+    while blob:
+        size = int.from_bytes(blob[:4], "big")
+        fields.append(blob[4:4 + size])
+        blob = blob[4 + size:]
+    return fields
+
+
+def armor(blob, width=70):
+    """PROTOCOL.sshsig §1 armor, wrapped as ssh-keygen wraps it."""
+    text = base64.b64encode(blob).decode("ascii")
+    body = "\n".join(text[start:start + width] for start in range(0, len(text), width))
+    return ("-----BEGIN SSH SIGNATURE-----\n%s\n-----END SSH SIGNATURE-----\n" % body).encode("ascii")
+
+
+def sshsig_blob(public_key, namespace, hash_algorithm, signature, reserved=b"", magic=b"SSHSIG", version=1):
+    """PROTOCOL.sshsig §2 blob."""
+    return (magic + version.to_bytes(4, "big") + ssh_string(public_key) + ssh_string(namespace.encode())
+            + ssh_string(reserved) + ssh_string(hash_algorithm.encode()) + ssh_string(signature))
+
+
+def rearmored(parsed, **changes):
+    """An armored signature with some fields of a parsed one changed."""
+    fields = dict(parsed._asdict(), **changes)
+    return armor(sshsig_blob(fields["public_key"], fields["namespace"], fields["hash_algorithm"],
+                             fields["signature"]))
+
+
+def digest_of(signature, message):
+    """H(message) as the server computes it (one pass, both digests), for the signature's hash algorithm."""
+    return sig.hash_update_file(io.BytesIO(message)).of(signature.hash_algorithm)
+
+
+def flip_bit(data, bit):
+    """data with one bit inverted."""
+    changed = bytearray(data)
+    changed[bit // 8] ^= 1 << (bit % 8)
+    return bytes(changed)
+
+
+def key_line(principals, key_type, blob, options=""):
+    """An allowed_signers line."""
+    return " ".join(part for part in (principals, options, key_type, base64.b64encode(blob).decode()) if part)
+
+
+def rsa_blob(exponent=ssh_mpint(65537), modulus=ssh_mpint((1 << 2047) + 1)):
+    """An "ssh-rsa" key blob (RFC 4253 §6.6) from ready-made mpint fields."""
+    return ssh_string(b"ssh-rsa") + exponent + modulus
+
+
+ECDSA_BLOB = ssh_string(b"ecdsa-sha2-nistp256") + ssh_string(b"nistp256") + ssh_string(b"\x04" + bytes(range(64)))
+RSA_1024_BLOB = rsa_blob(modulus=ssh_mpint((1 << 1023) + 1))
+
+
+class Ed25519Tests(unittest.TestCase):
+    """ed25519_verify against RFC 8032 §7.1 and the strictness rules of §5.1.3 and §5.1.7."""
+
+    def vectors(self):
+        for name, public_key, message, signature in RFC_8032_VECTORS:
+            yield name, bytes.fromhex(public_key), bytes.fromhex(message), bytes.fromhex(signature)
+
+    def test_vectors_are_the_rfcs(self):
+        self.assertEqual(len(bytes.fromhex(TEST_1024_MESSAGE)), 1023)
+        self.assertEqual(bytes.fromhex(RFC_8032_VECTORS[4][2]), hashlib.sha512(b"abc").digest())
+
+    def test_rfc_8032_vectors_verify(self):
+        for name, public_key, message, signature in self.vectors():
+            with self.subTest(name):
+                self.assertTrue(sig.ed25519_verify(public_key, message, signature))
+
+    def test_a_flipped_signature_bit_fails(self):
+        for name, public_key, message, signature in self.vectors():
+            for bit in (0, 77, 254, 255, 256, 300, 447, 508, 511):
+                with self.subTest(name, bit=bit):
+                    self.assertFalse(sig.ed25519_verify(public_key, message, flip_bit(signature, bit)))
+
+    def test_a_flipped_message_bit_fails(self):
+        for name, public_key, message, signature in self.vectors():
+            variants = [flip_bit(message, 0), flip_bit(message, 8 * len(message) - 1)] if message else [b"\0"]
+            for variant in variants:
+                with self.subTest(name):
+                    self.assertFalse(sig.ed25519_verify(public_key, variant, signature))
+
+    def test_a_flipped_public_key_bit_fails(self):
+        for name, public_key, message, signature in self.vectors():
+            with self.subTest(name):
+                self.assertFalse(sig.ed25519_verify(flip_bit(public_key, 3), message, signature))
+
+    def test_s_plus_l_is_refused(self):
+        """[S+L]B = [S]B, so only the S < L rule (§5.1.7) tells this second spelling apart."""
+        for name, public_key, message, signature in self.vectors():
+            scalar_s = int.from_bytes(signature[32:], "little")
+            for bad_s in (scalar_s + L, L, 2 ** 256 - 1):
+                with self.subTest(name, bad_s=bad_s):
+                    bad_signature = signature[:32] + bad_s.to_bytes(32, "little")
+                    self.assertFalse(sig.ed25519_verify(public_key, message, bad_signature))
+
+    # The identity (y = 1) as a public key lets these tests make valid signatures without a signer: [k]A is the
+    # identity for every k, so R = [S]B verifies for any message. No real key is the identity.
+    IDENTITY = (1).to_bytes(32, "little")
+
+    def test_non_canonical_public_key_is_refused(self):
+        forged = BASE_POINT_ENCODED + (1).to_bytes(32, "little")  # R = B, S = 1
+        self.assertTrue(sig.ed25519_verify(self.IDENTITY, b"any message", forged))  # the canonical spelling
+        for what, encoding in (("y = p + 1", P + 1), ("x = 0 with the sign bit", 1 | 1 << 255)):
+            with self.subTest(what):
+                self.assertFalse(sig.ed25519_verify(encoding.to_bytes(32, "little"), b"any message", forged))
+
+    def test_non_canonical_r_is_refused(self):
+        zero_s = bytes(32)  # [0]B - [k]identity is the identity, so R must be the identity
+        self.assertTrue(sig.ed25519_verify(self.IDENTITY, b"any message", self.IDENTITY + zero_s))
+        for what, encoding in (("y = p + 1", P + 1), ("x = 0 with the sign bit", 1 | 1 << 255)):
+            with self.subTest(what):
+                bad_r = encoding.to_bytes(32, "little")
+                self.assertFalse(sig.ed25519_verify(self.IDENTITY, b"any message", bad_r + zero_s))
+
+    def test_wrong_lengths_are_refused(self):
+        _name, public_key, message, signature = next(self.vectors())
+        self.assertFalse(sig.ed25519_verify(public_key, message, signature + b"\0"))  # same S if truncated
+        self.assertFalse(sig.ed25519_verify(public_key, message, signature[:63]))
+        self.assertFalse(sig.ed25519_verify(public_key + b"\0", message, signature))
+        self.assertFalse(sig.ed25519_verify(public_key[:31], message, signature))
+
+
+class RsaEncodingTests(unittest.TestCase):
+    """rsa_pkcs1v15_verify's RFC 8017 rules, on a made-up modulus with exponent 1: the "signature" is then the
+    encoded block itself, so each test can write exactly the block it wants to present."""
+
+    MODULUS = (1 << 2045) + 1  # 256 bytes, with room above it for signature + modulus
+    SIZE = 256
+
+    def block(self, hash_name, message, padding=None, tail=b""):
+        prefix = {"sha256": "3031300d060960864801650304020105000420",
+                  "sha512": "3051300d060960864801650304020305000440"}[hash_name]
+        digest_info = bytes.fromhex(prefix) + hashlib.new(hash_name, message).digest() + tail
+        if padding is None:
+            padding = b"\xff" * (self.SIZE - 3 - len(digest_info))
+        return b"\x00\x01" + padding + b"\x00" + digest_info
+
+    def verify(self, signature, hash_name="sha256", message=b"message"):
+        return sig.rsa_pkcs1v15_verify(self.MODULUS, 1, hash_name, message, signature)
+
+    def test_the_correct_block_verifies(self):
+        for hash_name in ("sha256", "sha512"):
+            with self.subTest(hash_name):
+                self.assertTrue(self.verify(self.block(hash_name, b"message"), hash_name))
+                self.assertFalse(self.verify(self.block(hash_name, b"other"), hash_name))
+
+    def test_the_hash_must_be_the_named_one(self):
+        self.assertFalse(self.verify(self.block("sha256", b"message"), "sha512"))
+
+    def test_signature_plus_modulus_is_refused(self):
+        value = int.from_bytes(self.block("sha256", b"message"), "big") + self.MODULUS
+        self.assertFalse(self.verify(value.to_bytes(self.SIZE, "big")))
+
+    def test_length_must_be_the_modulus_length(self):
+        good = self.block("sha256", b"message")
+        self.assertFalse(self.verify(b"\0" + good))
+        self.assertFalse(self.verify(good[1:]))  # OpenSSH would pad this back to length; RFC 8017 §8.2.2 does not
+
+    def test_padding_is_compared_not_parsed(self):
+        short_padding = b"\xff" * 8
+        garbage = b"\x5a" * (self.SIZE - 3 - 8 - 51)
+        for what, block in (
+                ("garbage after the digest", self.block("sha256", b"message", short_padding, garbage)),
+                ("a zero in the padding", self.block("sha256", b"message", b"\xff" * 100 + b"\0" + b"\xff" * 101)),
+                ("block type 2", b"\x00\x02" + self.block("sha256", b"message")[2:])):
+            with self.subTest(what):
+                self.assertEqual(len(block), self.SIZE)
+                self.assertFalse(self.verify(block))
+
+    def test_padding_must_be_8_bytes_at_least(self):
+        """RFC 8017 §9.2 step 3: a modulus too small for 8 bytes of padding cannot carry a signature."""
+        digest_info = bytes.fromhex("3031300d060960864801650304020105000420") + hashlib.sha256(b"message").digest()
+        for padding_size, verifies in ((7, False), (8, True)):
+            with self.subTest(padding_size=padding_size):
+                size = 3 + padding_size + len(digest_info)
+                block = b"\x00\x01" + b"\xff" * padding_size + b"\x00" + digest_info
+                modulus = (1 << (8 * size - 3)) + 1
+                self.assertEqual(sig.rsa_pkcs1v15_verify(modulus, 1, "sha256", b"message", block), verifies)
+
+
+class AllowedSignersTests(unittest.TestCase):
+    """parse_allowed_signers and unsupported_signers on the ssh-keygen(1) ALLOWED SIGNERS format."""
+
+    def test_a_typical_file(self):
+        text = ("# signers of OPQ Box updates\x0c\u2028\r\n\r\n"  # only \n ends a line, as for OpenSSH
+                "  alice@example.com,carol@example.com %s alice laptop\r\n"
+                '"bob the builder@example.com" NameSpaces="opq-box-update,file",Valid-After="20240101" %s\n'
+                % (FIXTURE_ED25519_KEY, FIXTURE_RSA_KEY))
+        alice, bob = sig.parse_allowed_signers(text)
+        self.assertEqual(alice.principals, ("alice@example.com", "carol@example.com"))
+        self.assertEqual((alice.namespaces, alice.valid_after, alice.valid_before), (None, None, None))
+        self.assertEqual((alice.key_type, alice.line), ("ssh-ed25519", 3))
+        self.assertEqual(alice.key_blob, base64.b64decode(FIXTURE_ED25519_KEY.split()[1]))
+        self.assertEqual(bob.principals, ("bob the builder@example.com",))
+        self.assertEqual(bob.namespaces, ("opq-box-update", "file"))
+        self.assertEqual(bob.valid_after, time.mktime((2024, 1, 1, 0, 0, 0, 0, 0, -1)))
+        self.assertEqual((bob.key_type, bob.line), ("ssh-rsa", 4))
+        self.assertEqual(sig.unsupported_signers([alice, bob]), [])
+
+    def test_quoted_option_values(self):
+        line = 'a@b namespaces="x y,with \\"quote\\"",valid-before="20300101Z" %s' % FIXTURE_ED25519_KEY
+        signer, = sig.parse_allowed_signers(line)
+        self.assertEqual(signer.namespaces, ("x y", 'with "quote"'))
+
+    def test_times(self):
+        cases = (("20240102Z", (2024, 1, 2, 0, 0, 0)), ("202401020304z", (2024, 1, 2, 3, 4, 0)),
+                 ("20240102030405UTC", (2024, 1, 2, 3, 4, 5)))
+        for written, utc in cases:
+            with self.subTest(written):
+                signer, = sig.parse_allowed_signers('a@b valid-after="%s" %s' % (written, FIXTURE_ED25519_KEY))
+                self.assertEqual(signer.valid_after, calendar.timegm(utc + (0, 0, 0)))
+
+    @unittest.skipUnless(hasattr(time, "tzset"), "needs time.tzset to change the local time zone")
+    def test_times_without_z_are_local(self):
+        saved = os.environ.get("TZ")
+        os.environ["TZ"] = "XST+05"  # five hours behind UTC, no daylight saving time
+        time.tzset()
+        try:
+            signer, = sig.parse_allowed_signers('a@b valid-before="202401020304" %s' % FIXTURE_ED25519_KEY)
+        finally:
+            if saved is None:
+                del os.environ["TZ"]
+            else:
+                os.environ["TZ"] = saved
+            time.tzset()
+        self.assertEqual(signer.valid_before, calendar.timegm((2024, 1, 2, 8, 4, 0, 0, 0, 0)))
+
+    def test_malformed_lines_name_their_line(self):
+        ed25519_blob = base64.b64decode(FIXTURE_ED25519_KEY.split()[1])
+        cases = (
+            ("alice@example.com", "missing key"),
+            ("alice@example.com ssh-ed25519", "missing key"),
+            ('alice@example.com namespaces="file"', "missing key"),
+            ("alice@example.com ssh-ed25519 AAAA!!!!", "malformed key"),
+            ("alice@example.com " + key_line("", "ecdsa-sha2-nistp256", ECDSA_BLOB).rstrip("="), "malformed key"),
+            ("alice@example.com " + FIXTURE_ED25519_KEY.replace("ssh-ed25519", "ssh-rsa"), "is not of type ssh-rsa"),
+            ("alice@example.com " + key_line("", "ssh-ed25519", ed25519_blob[:-1]), "malformed key"),
+            ("alice@example.com " + key_line("", "ssh-rsa", RSA_1024_BLOB + b"\0"), "trailing bytes"),
+            ("alice@example.com " + key_line("", "ssh-ed25519", ssh_string(b"ssh-ed25519") + ssh_string(bytes(31))),
+             "not 32 bytes"),
+            ("alice@example.com " + key_line("", "ssh-rsa", rsa_blob(ssh_string(b"\x00\x01\x00\x01"))),
+             "needless leading zero"),
+            ("alice@example.com " + key_line("", "ssh-rsa", rsa_blob(modulus=ssh_string(b"\x80" + bytes(254) + b"\1"))),
+             "negative mpint"),
+            ("alice@example.com " + key_line("", "ssh-rsa", rsa_blob(ssh_mpint(1))), "impossible RSA key"),
+            ("alice@example.com " + key_line("", "ssh-rsa", rsa_blob(ssh_mpint(65536))), "impossible RSA key"),
+            ("alice@example.com " + key_line("", "ssh-rsa", rsa_blob(modulus=ssh_mpint(1 << 2047))),
+             "impossible RSA key"),
+            ("alice@example.com ssh-foo AAAA", "unknown option or key type"),
+            ("*@example.com cert-authority " + FIXTURE_ED25519_KEY, "certificates are not supported"),
+            ("alice@example.com no-touch-required " + FIXTURE_ED25519_KEY, "unknown option"),
+            ("alice@example.com namespaces=file " + FIXTURE_ED25519_KEY, "unknown option"),
+            ('alice@example.com namespaces="a", ' + FIXTURE_ED25519_KEY, "unknown option"),
+            ('alice@example.com namespaces="a"' + FIXTURE_ED25519_KEY, "unknown option"),
+            ('alice@example.com namespaces="a",namespaces="b" ' + FIXTURE_ED25519_KEY, "given twice"),
+            ('alice@example.com namespaces="file ' + FIXTURE_ED25519_KEY, "unknown option"),
+            ('alice@example.com valid-after="2024013" ' + FIXTURE_ED25519_KEY, "bad time"),
+            ('alice@example.com valid-after="20240230" ' + FIXTURE_ED25519_KEY, "bad time"),
+            ('alice@example.com valid-after="20250101",valid-before="20240101" ' + FIXTURE_ED25519_KEY,
+             "valid-before is not after valid-after"),
+            (",alice@example.com " + FIXTURE_ED25519_KEY, "empty principal"),
+            ('"alice@example.com ' + FIXTURE_ED25519_KEY, "malformed principals"),
+            ('"alice@example.com",bob@example.com ' + FIXTURE_ED25519_KEY, "malformed principals"),
+        )
+        for line, reason in cases:
+            with self.subTest(line):
+                with self.assertRaises(ValueError) as caught:
+                    sig.parse_allowed_signers("# a comment\n%s\n" % line)
+                self.assertTrue(str(caught.exception).startswith("line 2: "), str(caught.exception))
+                self.assertIn(reason, str(caught.exception))
+
+    def test_unsupported_key_types_are_kept_and_warned_about(self):
+        text = "\n".join((
+            FIXTURE_SIGNERS,
+            key_line("ecdsa@example.com", "ecdsa-sha2-nistp256", ECDSA_BLOB),
+            key_line("cert@example.com", "ssh-ed25519-cert-v01@openssh.com",
+                     ssh_string(b"ssh-ed25519-cert-v01@openssh.com") + ssh_string(bytes(32))),
+            key_line("sk@example.com", "sk-ssh-ed25519@openssh.com",
+                     ssh_string(b"sk-ssh-ed25519@openssh.com") + ssh_string(bytes(32)) + ssh_string(b"ssh:")),
+            key_line("small@example.com", "ssh-rsa", RSA_1024_BLOB)))
+        signers = sig.parse_allowed_signers(text)
+        self.assertEqual([signer.line for signer in signers], [1, 2, 4, 5, 6, 7])
+        warnings = sig.unsupported_signers(signers)
+        self.assertEqual(len(warnings), 4, warnings)
+        for warning, expected in zip(warnings, ("line 4: unsupported key type", "line 5: unsupported key type",
+                                                "line 6: unsupported key type", "line 7: RSA key of 1024 bits")):
+            self.assertTrue(warning.startswith(expected), warning)
+            self.assertTrue(warning.endswith("signatures by this key are refused"), warning)
+
+
+class ParseSshsigTests(unittest.TestCase):
+    """parse_sshsig on PROTOCOL.sshsig armor and blobs."""
+
+    def setUp(self):
+        self.signature = sig.parse_sshsig(FIXTURE_ED25519_SIGNATURE)
+
+    def assert_refused(self, armored, reason):
+        with self.assertRaises(sig.SignatureError) as caught:
+            sig.parse_sshsig(armored)
+        self.assertTrue(str(caught.exception).startswith(reason), str(caught.exception))
+
+    def test_fields(self):
+        self.assertEqual(self.signature.public_key, base64.b64decode(FIXTURE_ED25519_KEY.split()[1]))
+        self.assertEqual((self.signature.namespace, self.signature.hash_algorithm), (NAMESPACE, "sha512"))
+        algorithm, raw_signature = read_strings(self.signature.signature)
+        self.assertEqual((algorithm, len(raw_signature)), (b"ssh-ed25519", 64))
+
+    def test_other_line_endings_and_widths(self):
+        self.assertEqual(sig.parse_sshsig(FIXTURE_ED25519_SIGNATURE.replace(b"\n", b"\r\n")), self.signature)
+        self.assertEqual(sig.parse_sshsig(rearmored(self.signature).replace(b"\n", b"\n\n")), self.signature)
+        blob = base64.b64decode(b"".join(FIXTURE_ED25519_SIGNATURE.split(b"\n")[1:-2]))
+        self.assertEqual(sig.parse_sshsig(armor(blob, width=76)), self.signature)
+
+    def test_broken_armor(self):
+        lines = FIXTURE_ED25519_SIGNATURE.split(b"\n")
+        cases = (
+            (FIXTURE_ED25519_SIGNATURE[:len(FIXTURE_ED25519_SIGNATURE) // 2], "malformed armor: no END line"),
+            (b"\n".join(lines[:-2]), "malformed armor: no END line"),
+            (b"\n".join(lines[1:]), "malformed armor: no BEGIN line"),
+            (b"", "malformed armor: no BEGIN line"),
+            (b"\n".join(lines[:2] + lines[3:]), "malformed armor: bad base64"),
+            (FIXTURE_ED25519_SIGNATURE.replace(b"AAAAL", b"AA*AL", 1), "malformed armor: bad base64"),
+            (FIXTURE_ED25519_SIGNATURE.replace(b"DA==", b"DA="), "malformed armor: bad base64"),
+            (FIXTURE_ED25519_SIGNATURE.replace(b"DA==", b"DB=="), "malformed armor: bad base64"),  # stray bits
+            (FIXTURE_ED25519_SIGNATURE.replace(b"SSH SIGNATURE-----\n", "SSH SIGNATURE-----\n\u00e9".encode(), 1),
+             "malformed armor: not ASCII"),
+            (b"-----BEGIN SSH SIGNATURE-----\n" + b"A" * (10 * 1024 * 1024), "malformed armor: more than"),
+            (FIXTURE_ED25519_SIGNATURE + b" " * sig.MAX_SIGNATURE_BYTES, "malformed armor: more than"),
+        )
+        for armored, reason in cases:
+            with self.subTest(reason=reason, start=armored[:40]):
+                self.assert_refused(armored, reason)
+
+    def test_malformed_blobs(self):
+        fields = (self.signature.public_key, NAMESPACE, "sha512", self.signature.signature)
+        good = sshsig_blob(*fields)
+        self.assertEqual(sig.parse_sshsig(armor(good)), self.signature)
+        cases = (
+            (sshsig_blob(*fields, magic=b"SSHSIH"), "malformed signature: no SSHSIG preamble"),
+            (sshsig_blob(*fields, version=2), "malformed signature: version 2"),
+            (sshsig_blob(*fields, version=0), "malformed signature: version 0"),
+            (good + b"\0", "malformed signature: trailing bytes"),
+            (good[:-1], "malformed signature: truncated"),
+            (good[:5], "malformed signature: truncated"),
+            (good[:30], "malformed signature: truncated"),
+            (sshsig_blob(fields[0], "", "sha512", fields[3]), "malformed signature: empty namespace"),
+            (sshsig_blob(fields[0], "opq\0box", "sha512", fields[3]), "malformed signature: NUL in a text field"),
+            (sshsig_blob(fields[0], NAMESPACE, "sha512", fields[3]).replace(b"opq", b"\xffpq"),
+             "malformed signature: text field is not UTF-8"),
+            (sshsig_blob(fields[0], NAMESPACE, "md5", fields[3]), "unsupported hash algorithm 'md5'"),
+            (sshsig_blob(fields[0], NAMESPACE, "SHA512", fields[3]), "unsupported hash algorithm"),
+        )
+        for blob, reason in cases:
+            with self.subTest(reason):
+                self.assert_refused(armor(blob), reason)
+
+
+class VerifyTests(unittest.TestCase):
+    """verify_sshsig on the fixed ssh-keygen signatures: each reason for a refusal."""
+
+    def setUp(self):
+        self.signers = sig.parse_allowed_signers(FIXTURE_SIGNERS)
+        self.ed25519 = sig.parse_sshsig(FIXTURE_ED25519_SIGNATURE)
+        self.rsa = sig.parse_sshsig(FIXTURE_RSA_SIGNATURE)
+
+    def verify(self, signature, signers=None, message=FIXTURE_MESSAGE, namespace=NAMESPACE, now=None):
+        signers = self.signers if signers is None else signers
+        return sig.verify_sshsig(signature, digest_of(signature, message), signers, namespace, now)
+
+    def assert_refused(self, reason, *args, **kwargs):
+        with self.assertRaises(sig.SignatureError) as caught:
+            self.verify(*args, **kwargs)
+        self.assertEqual(str(caught.exception), reason)
+
+    def signers_with(self, options, key=FIXTURE_ED25519_KEY):
+        return sig.parse_allowed_signers("alice@example.com %s %s" % (options, key))
+
+    def test_the_fixtures_verify(self):
+        self.assertEqual(self.verify(self.ed25519), "alice@example.com")
+        self.assertEqual(self.verify(self.rsa), "bob@example.com")
+        self.assertEqual(self.verify(self.ed25519, self.signers_with('namespaces="file,opq-box-update"')),
+                         "alice@example.com")
+
+    def test_other_bytes_are_refused(self):
+        for signature in (self.ed25519, self.rsa):
+            self.assert_refused("bad signature", signature, message=FIXTURE_MESSAGE + b"x")
+
+    def test_a_flipped_signature_bit_is_refused(self):
+        for signature in (self.ed25519, self.rsa):
+            algorithm, raw = read_strings(signature.signature)
+            for bit in (0, 100, 8 * len(raw) - 1):
+                with self.subTest(algorithm, bit=bit):
+                    changed = ssh_string(algorithm) + ssh_string(flip_bit(raw, bit))
+                    self.assert_refused("bad signature", signature._replace(signature=changed))
+
+    def test_s_plus_l_is_refused(self):
+        """OpenSSH 9.2's ssh-keygen accepts this second spelling of the fixture (it checks only S's top 3 bits)."""
+        raw = read_strings(self.ed25519.signature)[1]
+        scalar_s = int.from_bytes(raw[32:], "little") + L
+        changed = ssh_string(b"ssh-ed25519") + ssh_string(raw[:32] + scalar_s.to_bytes(32, "little"))
+        self.assert_refused("bad signature", self.ed25519._replace(signature=changed))
+
+    def test_the_namespace_is_checked_first(self):
+        self.assert_refused("signed for namespace 'opq-box-update', not 'file'", self.ed25519, namespace="file")
+        self.assert_refused("signed for namespace 'opq-box-update', not 'file'", self.ed25519, [], namespace="file")
+
+    def test_an_unlisted_key_is_refused(self):
+        rfc_key = bytes.fromhex(RFC_8032_VECTORS[0][1])
+        others = sig.parse_allowed_signers(key_line("x@y", "ssh-ed25519", ssh_string(b"ssh-ed25519")
+                                                    + ssh_string(rfc_key)))
+        self.assert_refused("no listed key made this signature", self.ed25519, others)
+        self.assert_refused("no listed key made this signature", self.ed25519, [])
+        self.assert_refused("no listed key made this signature", self.rsa, self.signers[:1])
+
+    def test_namespace_restrictions(self):
+        for options in ('namespaces="other"', 'namespaces="*,!opq-box-update"', 'namespaces="opq-box-update2"'):
+            with self.subTest(options):
+                self.assert_refused("the key is not allowed for namespace 'opq-box-update'", self.ed25519,
+                                    self.signers_with(options))
+        for options in ('namespaces="opq-*"', 'namespaces="file,opq-box-?pdate"', 'namespaces="!file,*"'):
+            with self.subTest(options):
+                self.assertEqual(self.verify(self.ed25519, self.signers_with(options)), "alice@example.com")
+
+    def test_validity_window(self):
+        signers = self.signers_with('valid-after="20240101Z",valid-before="20250101Z"')
+        after, before = calendar.timegm((2024, 1, 1, 0, 0, 0)), calendar.timegm((2025, 1, 1, 0, 0, 0))
+        for moment in (after, before, (after + before) / 2):
+            self.assertEqual(self.verify(self.ed25519, signers, now=moment), "alice@example.com")
+        for moment in (after - 1, before + 0.5, time.time()):
+            with self.subTest(moment=moment):
+                self.assert_refused("the key is outside its valid-after/valid-before window", self.ed25519, signers,
+                                    now=moment)
+        past = self.signers_with('valid-before="20200101"')
+        self.assert_refused("the key is outside its valid-after/valid-before window", self.ed25519, past)
+
+    def test_the_first_usable_listing_of_a_key_wins(self):
+        text = ('old@example.com namespaces="file" {0}\nnew@example.com {0}\nnewer@example.com {0}\n'
+                .format(FIXTURE_ED25519_KEY))
+        self.assertEqual(self.verify(self.ed25519, sig.parse_allowed_signers(text)), "new@example.com")
+        text = 'a@b namespaces="file" {0}\nc@d valid-before="20000101" {0}\n'.format(FIXTURE_ED25519_KEY)
+        self.assert_refused("the key is not allowed for namespace 'opq-box-update'", self.ed25519,
+                            sig.parse_allowed_signers(text))
+
+    def test_signature_algorithm_must_suit_the_key(self):
+        ed25519_raw = read_strings(self.ed25519.signature)[1]
+        rsa_raw = read_strings(self.rsa.signature)[1]
+        cases = (
+            (self.ed25519, ssh_string(b"rsa-sha2-512") + ssh_string(ed25519_raw), "'rsa-sha2-512'"),
+            (self.ed25519, ssh_string(b"ssh-ed448") + ssh_string(ed25519_raw), "'ssh-ed448'"),
+            (self.rsa, ssh_string(b"ssh-rsa") + ssh_string(rsa_raw), "'ssh-rsa'"),  # SHA-1
+            (self.rsa, ssh_string(b"ssh-ed25519") + ssh_string(rsa_raw), "'ssh-ed25519'"),
+        )
+        for signature, changed, algorithm in cases:
+            with self.subTest(algorithm):
+                self.assert_refused("signature algorithm %s is not accepted" % algorithm,
+                                    signature._replace(signature=changed))
+
+    def test_the_rsa_signature_hash_is_independent_of_the_message_hash(self):
+        """ssh-keygen pairs sha512 with rsa-sha2-512, but PROTOCOL.sshsig allows either RSA algorithm."""
+        algorithm, raw = read_strings(self.rsa.signature)
+        self.assertEqual(algorithm, b"rsa-sha2-512")
+        relabelled = self.rsa._replace(signature=ssh_string(b"rsa-sha2-256") + ssh_string(raw))
+        self.assert_refused("bad signature", relabelled)  # the label picks the hash that is checked
+
+    def test_malformed_signature_blobs(self):
+        raw = read_strings(self.ed25519.signature)[1]
+        for what, changed in (("trailing data", self.ed25519.signature + b"\0"),
+                              ("truncated", self.ed25519.signature[:-1]),
+                              ("empty", b"")):
+            with self.subTest(what):
+                with self.assertRaises(sig.SignatureError) as caught:
+                    self.verify(self.ed25519._replace(signature=changed))
+                self.assertTrue(str(caught.exception).startswith("malformed signature: "))
+        short = ssh_string(b"ssh-ed25519") + ssh_string(raw[:63])
+        self.assert_refused("bad signature", self.ed25519._replace(signature=short))
+
+    def test_reserved_field_is_ignored(self):
+        """PROTOCOL.sshsig §2: ignore it; ssh-keygen accepts such a signature too."""
+        blob = sshsig_blob(self.ed25519.public_key, NAMESPACE, "sha512", self.ed25519.signature, reserved=b"tag")
+        self.assertEqual(self.verify(sig.parse_sshsig(armor(blob))), "alice@example.com")
+
+    def test_unsupported_keys_are_refused(self):
+        signers = sig.parse_allowed_signers(key_line("e@x", "ecdsa-sha2-nistp256", ECDSA_BLOB) + "\n"
+                                            + key_line("r@x", "ssh-rsa", RSA_1024_BLOB))
+        dummy = ssh_string(b"rsa-sha2-512") + ssh_string(bytes(128))
+        ecdsa = self.ed25519._replace(public_key=ECDSA_BLOB, signature=dummy)
+        self.assert_refused("unsupported key type 'ecdsa-sha2-nistp256'", ecdsa, signers)
+        small_rsa = self.ed25519._replace(public_key=RSA_1024_BLOB, signature=dummy)
+        self.assert_refused("RSA key of 1024 bits is too small (2048 at least)", small_rsa, signers)
+
+    def test_the_digest_must_fit_the_hash(self):
+        with self.assertRaises(ValueError):
+            sig.verify_sshsig(self.ed25519, hashlib.sha256(FIXTURE_MESSAGE).digest(), self.signers, NAMESPACE)
+
+
+@unittest.skipIf(SSH_KEYGEN is None, "ssh-keygen is not installed: live OpenSSH round trips skipped")
+class SshKeygenTests(unittest.TestCase):
+    """Keys and signatures made by the installed ssh-keygen, and ssh-keygen's own verdict on the same input."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.directory = tempfile.mkdtemp(prefix="sshsig-test-")
+        cls.environment = {name: value for name, value in os.environ.items() if name != "SSH_AUTH_SOCK"}
+        cls.message = os.urandom(200000)
+        cls.keys = {}
+        for name, arguments in (("ed25519", ["-t", "ed25519"]), ("rsa2048", ["-t", "rsa", "-b", "2048"]),
+                                ("rsa3072", ["-t", "rsa", "-b", "3072"]), ("rsa1024", ["-t", "rsa", "-b", "1024"]),
+                                ("ecdsa", ["-t", "ecdsa"])):
+            path = os.path.join(cls.directory, name)
+            made = cls.run_keygen(["-q", "-N", "", "-C", name, "-f", path] + arguments)
+            if made.returncode == 0:
+                with open(path + ".pub", encoding="ascii") as public:
+                    cls.keys[name] = (path, " ".join(public.read().split()[:2]))
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.directory)
+
+    @classmethod
+    def run_keygen(cls, arguments, stdin=b""):
+        return subprocess.run([SSH_KEYGEN] + arguments, input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=cls.environment, timeout=120, check=False)
+
+    def key(self, name):
+        if name not in self.keys:
+            self.skipTest("this ssh-keygen does not make %s keys" % name)
+        return self.keys[name]
+
+    def sign(self, name, namespace=NAMESPACE, hash_algorithm=None):
+        options = ["-O", "hashalg=" + hash_algorithm] if hash_algorithm else []
+        signed = self.run_keygen(["-Y", "sign", "-n", namespace, "-f", self.key(name)[0]] + options, self.message)
+        if signed.returncode != 0 and hash_algorithm:
+            self.skipTest("this ssh-keygen has no -O hashalg: " + signed.stderr.decode(errors="replace"))
+        self.assertEqual(signed.returncode, 0, signed.stderr)
+        return signed.stdout
+
+    def write(self, name, content):
+        path = os.path.join(self.directory, name)
+        with open(path, "wb") as output:
+            output.write(content)
+        return path
+
+    def keygen_accepts(self, allowed_signers, principal, armored, message=None):
+        signature_path = self.write("check.sig", armored)
+        allowed_path = self.write("allowed_signers", allowed_signers.encode())
+        checked = self.run_keygen(["-Y", "verify", "-f", allowed_path, "-I", principal, "-n", NAMESPACE,
+                                   "-s", signature_path], self.message if message is None else message)
+        return checked.returncode == 0
+
+    def ours(self, allowed_signers, armored, message=None):
+        """verify_sshsig's answer: the principals, or the SignatureError's reason."""
+        signature = sig.parse_sshsig(armored)
+        try:
+            return sig.verify_sshsig(signature, digest_of(signature, self.message if message is None else message),
+                                     sig.parse_allowed_signers(allowed_signers), NAMESPACE)
+        except sig.SignatureError as error:
+            return "refused: %s" % error
+
+    def test_round_trips(self):
+        for name in ("ed25519", "rsa2048", "rsa3072"):
+            for hash_algorithm in ("sha256", "sha512"):
+                with self.subTest(name, hash_algorithm=hash_algorithm):
+                    armored = self.sign(name, hash_algorithm=hash_algorithm)
+                    allowed = "signer@example.com %s\n" % self.key(name)[1]
+                    self.assertEqual(sig.parse_sshsig(armored).hash_algorithm, hash_algorithm)
+                    self.assertEqual(self.ours(allowed, armored), "signer@example.com")
+                    self.assertTrue(self.keygen_accepts(allowed, "signer@example.com", armored))
+                    other_message = flip_bit(self.message, 12345)
+                    self.assertEqual(self.ours(allowed, armored, other_message), "refused: bad signature")
+                    self.assertFalse(self.keygen_accepts(allowed, "signer@example.com", armored, other_message))
+
+    def test_flipped_signature_bits(self):
+        for name in ("ed25519", "rsa3072"):
+            signature = sig.parse_sshsig(self.sign(name))
+            algorithm, raw = read_strings(signature.signature)
+            allowed = "signer@example.com %s\n" % self.key(name)[1]
+            for bit in (5, 8 * len(raw) - 9):
+                with self.subTest(name, bit=bit):
+                    changed = rearmored(signature, signature=ssh_string(algorithm) + ssh_string(flip_bit(raw, bit)))
+                    self.assertEqual(self.ours(allowed, changed), "refused: bad signature")
+                    self.assertFalse(self.keygen_accepts(allowed, "signer@example.com", changed))
+
+    def test_rsa_signature_algorithm(self):
+        """Before OpenSSH 10.0 ssh-keygen signs with rsa-sha2-512 whatever the hash; from 10.0 on, it matches."""
+        for hash_algorithm in ("sha256", "sha512"):
+            armored = self.sign("rsa2048", hash_algorithm=hash_algorithm)
+            algorithm, raw = read_strings(sig.parse_sshsig(armored).signature)
+            self.assertIn(algorithm, (b"rsa-sha2-512", ("rsa-sha2-" + hash_algorithm[3:]).encode()))
+            self.assertEqual(len(raw), 256)  # always the modulus length: ssh-keygen pads with leading zeros
+
+    def test_refusals_agree_with_ssh_keygen(self):
+        key = self.key("ed25519")[1]
+        hour = 3600
+
+        def local(moment):
+            return time.strftime("%Y%m%d%H%M", time.localtime(moment))
+
+        armored = self.sign("ed25519")
+        cases = (
+            ("other@example.com %s\n" % self.key("rsa2048")[1], "refused: no listed key made this signature"),
+            ('signer@example.com namespaces="other" %s\n' % key,
+             "refused: the key is not allowed for namespace 'opq-box-update'"),
+            ('signer@example.com valid-before="%s" %s\n' % (local(time.time() - hour), key),
+             "refused: the key is outside its valid-after/valid-before window"),
+            ('signer@example.com valid-after="%s" %s\n' % (local(time.time() + 2 * hour), key),
+             "refused: the key is outside its valid-after/valid-before window"),
+            ('signer@example.com valid-after="%s",valid-before="%s" %s\n'
+             % (local(time.time() - hour), local(time.time() + 2 * hour), key), "signer@example.com"),
+        )
+        for allowed, expected in cases:
+            with self.subTest(allowed.split(" ")[1]):
+                self.assertEqual(self.ours(allowed, armored), expected)
+                principal = allowed.split(" ")[0]
+                self.assertEqual(self.keygen_accepts(allowed, principal, armored), not expected.startswith("refused"))
+
+    def test_other_namespace(self):
+        armored = self.sign("ed25519", namespace="file")
+        allowed = "signer@example.com %s\n" % self.key("ed25519")[1]
+        self.assertEqual(self.ours(allowed, armored), "refused: signed for namespace 'file', not 'opq-box-update'")
+        self.assertFalse(self.keygen_accepts(allowed, "signer@example.com", armored))
+
+    def test_quoted_principals_agree_with_find_principals(self):
+        armored = self.sign("ed25519")
+        allowed = '# comment\n"the signer@example.com,x@y" %s comment\n' % self.key("ed25519")[1]
+        self.assertEqual(self.ours(allowed, armored), "the signer@example.com,x@y")
+        found = self.run_keygen(["-Y", "find-principals", "-f", self.write("allowed_signers", allowed.encode()),
+                                 "-s", self.write("check.sig", armored)])
+        self.assertEqual(found.stdout.decode().split("\n"), ["the signer@example.com", "x@y", ""])
+
+    def test_rsa_1024_is_too_small(self):
+        armored = self.sign("rsa1024")
+        allowed = "small@example.com %s\n" % self.key("rsa1024")[1]
+        self.assertEqual(self.ours(allowed, armored), "refused: RSA key of 1024 bits is too small (2048 at least)")
+        self.assertEqual(len(sig.unsupported_signers(sig.parse_allowed_signers(allowed))), 1)
+        self.assertTrue(self.keygen_accepts(allowed, "small@example.com", armored))  # OpenSSH's floor is 1024
+
+    def test_ecdsa_is_unsupported(self):
+        armored = self.sign("ecdsa")
+        allowed = "ec@example.com %s\n" % self.key("ecdsa")[1]
+        self.assertEqual(self.ours(allowed, armored), "refused: unsupported key type 'ecdsa-sha2-nistp256'")
+        warnings = sig.unsupported_signers(sig.parse_allowed_signers(allowed))
+        self.assertEqual(warnings, ["line 1: unsupported key type 'ecdsa-sha2-nistp256'; "
+                                    "signatures by this key are refused"])
+        self.assertTrue(self.keygen_accepts(allowed, "ec@example.com", armored))
+
+
+if __name__ == "__main__":
+    unittest.main()
+
+
+@unittest.skipIf(SSH_KEYGEN is None, "ssh-keygen is not installed: signed publication through the server skipped")
+class SignedUpdatesTest(TempDirTestCase):
+    """Through the real server, with allowed_signers set: only what a listed key signed offline is offered."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.keys_folder = tempfile.mkdtemp(prefix="box-update-keys-")
+        cls.environment = {name: value for name, value in os.environ.items() if name != "SSH_AUTH_SOCK"}
+        cls.keys = {}
+        for name, arguments in (("ed25519", ["-t", "ed25519"]), ("rsa", ["-t", "rsa", "-b", "3072"]),
+                                ("stranger", ["-t", "ed25519"]), ("ecdsa", ["-t", "ecdsa"])):
+            path = os.path.join(cls.keys_folder, name)
+            subprocess.run([SSH_KEYGEN, "-q", "-N", "", "-C", name, "-f", path] + arguments, check=True,
+                           env=cls.environment, timeout=120)
+            with open(path + ".pub") as public:
+                cls.keys[name] = (path, " ".join(public.read().split()[:2]))
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.keys_folder)
+
+    def setUp(self):
+        super().setUp()
+        self.staging = os.path.join(self.tmp, "staging")
+        os.mkdir(self.staging)
+        self.allowed = os.path.join(self.tmp, "allowed_signers")
+        self.write_allowed("ops@example.org %s\n" % self.keys["ed25519"][1],
+                           'rsa-ops@example.org namespaces="opq-box-update" %s\n' % self.keys["rsa"][1])
+
+    def write_allowed(self, *lines):
+        with open(self.allowed, "w") as allowed:
+            allowed.write("# operators who sign OPQ Box updates\n" + "".join(lines))
+
+    def keygen(self, *arguments, stdin=None):
+        return subprocess.run([SSH_KEYGEN] + list(arguments), input=stdin, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=self.environment, timeout=120)
+
+    def build(self, version, sign_with="ed25519", namespace=NAMESPACE, hash_algorithm=None):
+        """An update archive and its .sig in the staging folder; returns the archive's path."""
+        path = make_update(self.staging, version, mtime=time.time() - 60)
+        if sign_with:
+            options = ["-O", "hashalg=" + hash_algorithm] if hash_algorithm else []
+            signed = self.keygen("-Y", "sign", "-f", self.keys[sign_with][0], "-n", namespace, *options, path)
+            self.assertEqual(signed.returncode, 0, signed.stderr)
+        return path
+
+    def publish_built(self, path, signature=True, archive=True):
+        """Move what build() made into the updates folder, each under a temporary name then renamed."""
+        for source, wanted in ((path + ".sig", signature), (path, archive)):
+            if wanted:
+                target = os.path.join(self.updates, os.path.basename(source))
+                shutil.copy2(source, target + ".part")
+                os.rename(target + ".part", target)
+
+    def start(self, **settings):
+        return self.start_server(allowed_signers=self.allowed, **settings)
+
+    def test_signed_updates_are_offered_and_what_is_served_verifies_with_ssh_keygen(self):
+        cases = [(1700000001, "ed25519", None), (1700000002, "ed25519", "sha256"), (1700000003, "rsa", None),
+                 (1700000004, "rsa", "sha256")]
+        for version, key, hash_algorithm in cases:
+            self.publish_built(self.build(version, key, hash_algorithm=hash_algorithm))
+        server = self.start()
+        self.assertEqual(server.get("/ls").body.decode().split("\n"),
+                         ["opq-box-update-%d.tar.bz2" % version for version, _, _ in cases])
+        health = server.health()
+        self.assertTrue(health["ok"])
+        self.assertIn("signatures required", health["info"])
+        self.assertIn("is signed by rsa-ops@example.org", server.log())
+        for version, key, _ in cases:
+            name = "opq-box-update-%d.tar.bz2" % version
+            with self.subTest(name=name):
+                archive, signature = server.get("/update/" + name), server.get("/update/%s.sig" % name)
+                self.assertEqual(signature.status, 200)
+                self.assertEqual(signature.header("Content-Type"), "text/plain")
+                self.assertEqual(signature.header("Cache-Control"), "public, max-age=31536000, immutable")
+                self.assertEqual(server.get("/update/%s.sig" % name, {"If-None-Match": signature.header("ETag")}
+                                            ).status, 304)
+                served_signature = os.path.join(self.tmp, name + ".served.sig")
+                with open(served_signature, "wb") as out:
+                    out.write(signature.body)
+                principal = "ops@example.org" if key == "ed25519" else "rsa-ops@example.org"
+                checked = self.keygen("-Y", "verify", "-f", self.allowed, "-I", principal, "-n", NAMESPACE, "-s",
+                                      served_signature, stdin=archive.body)
+                self.assertEqual(checked.returncode, 0, checked.stderr)
+        self.assertEqual(server.get("/update/opq-box-update-1700000009.tar.bz2.sig").status, 404)
+
+    def test_nothing_wrongly_signed_is_ever_offered(self):
+        good = self.build(1700000000)
+        self.publish_built(good)
+        refusals = {}
+
+        def bad(version, reason, prepare):
+            refusals["opq-box-update-%d.tar.bz2" % version] = reason
+            prepare(os.path.join(self.updates, "opq-box-update-%d.tar.bz2" % version))
+
+        def other_bytes(path):
+            self.publish_built(self.build(int(path[-18:-8])))
+            publish(path, archive_bytes(update_members(int(path[-18:-8]))))  # rebuilt: other bytes
+        bad(1700000001, "bad signature", other_bytes)
+        bad(1700000002, "no listed key made this signature",
+            lambda path: self.publish_built(self.build(1700000002, "stranger")))
+        bad(1700000003, "signed for namespace 'file', not 'opq-box-update'",
+            lambda path: self.publish_built(self.build(1700000003, namespace="file")))
+        bad(1700000004, "unsupported key type 'ecdsa-sha2-nistp256'",
+            lambda path: self.publish_built(self.build(1700000004, "ecdsa")))
+
+        def truncated_armor(path):
+            self.publish_built(self.build(1700000005))
+            with open(path + ".sig", "r+b") as signature:
+                signature.truncate(100)
+        bad(1700000005, "malformed armor", truncated_armor)
+
+        def garbled_armor(path):
+            self.publish_built(self.build(1700000006))
+            with open(path + ".sig", "r+b") as signature:
+                signature.seek(60)
+                signature.write(b"!!!!")
+        bad(1700000006, "malformed armor: bad base64", garbled_armor)
+
+        def symlinked(path):
+            built = self.build(1700000007)
+            self.publish_built(built, signature=False)
+            os.symlink(built + ".sig", path + ".sig")
+        bad(1700000007, "the .sig is not a regular file", symlinked)
+
+        def huge(path):
+            self.publish_built(self.build(1700000008, sign_with=None), signature=False)
+            with open(path + ".sig", "wb") as signature:
+                signature.truncate(10 << 20)
+        bad(1700000008, "the .sig is larger than 64 KiB", huge)
+
+        self.write_allowed("ops@example.org %s\n" % self.keys["ed25519"][1],
+                           "ecdsa-ops@example.org %s\n" % self.keys["ecdsa"][1])
+        server = self.start()
+        self.assertIn("line 3: unsupported key type 'ecdsa-sha2-nistp256'; signatures by this key are refused",
+                      server.log())
+        self.assertTrue(wait_until(lambda: server.health()["info"].count("rejected") == 1, 20), server.health())
+        self.assertEqual(server.get("/ls").body.decode(), os.path.basename(good))
+        self.assertEqual(server.get("/version").body, b"1700000000")
+        self.assertIn("%d file(s) in the updates folder rejected" % len(refusals), server.health()["info"])
+        for name, reason in refusals.items():
+            with self.subTest(name=name):
+                self.assertEqual(server.get("/update/" + name).status, 404)
+                self.assertEqual(server.get("/update/%s.sig" % name).status, 404)
+                self.assertEqual(server.log().count("rejected %s: signature: %s" % (name, reason)), 1, server.log())
+
+    def test_a_listed_key_restricted_to_another_namespace_is_refused(self):
+        self.write_allowed('ops@example.org namespaces="git,file" %s\n' % self.keys["ed25519"][1])
+        self.publish_built(self.build(1700000000))
+        server = self.start()
+        self.assertEqual(server.get("/ls").body, b"")
+        self.assertIn("the key is not allowed for namespace 'opq-box-update'", server.log())
+
+    def test_publishing_order_does_not_matter(self):
+        server = self.start()
+        first = self.build(1700000001)
+        self.publish_built(first, signature=False)                  # the archive first: it waits
+        self.assertTrue(wait_until(lambda: "1 update(s) waiting for a signature" in server.health().get("info", ""),
+                                   10), server.health())
+        self.assertEqual(server.get("/ls").body, b"")
+        self.publish_built(first, archive=False)                    # then its signature: offered
+        self.assertTrue(wait_until(lambda: server.get("/version").body == b"1700000001", 10))
+        second = self.build(1700000002)
+        self.publish_built(second, archive=False)                   # the signature first
+        time.sleep(2 * sig.FolderWatcher.POLL_SECONDS)             # seen alone by the watcher
+        self.publish_built(second, signature=False)
+        self.assertTrue(wait_until(lambda: server.get("/version").body == b"1700000002", 10))
+
+    def test_an_archive_replaced_after_its_signature_was_checked_is_withdrawn(self):
+        path = self.build(1700000000)
+        self.publish_built(path)
+        server = self.start()
+        self.assertEqual(server.get("/version").body, b"1700000000")
+        publish(os.path.join(self.updates, os.path.basename(path)), archive_bytes(update_members(1700000000)))
+        self.assertTrue(wait_until(lambda: server.get("/version").status == 404, 10))
+        self.assertTrue(wait_until(lambda: "signature: bad signature" in server.log(), 10))
+        self.assertEqual(server.get("/update/" + os.path.basename(path)).status, 404)
+
+    def test_verification_off_still_requires_the_signature_but_not_the_structure(self):
+        unstructured = os.path.join(self.staging, "opq-box-update-1700000001.tar.bz2")
+        publish(unstructured, b"signed, but not an archive at all")
+        self.keygen("-Y", "sign", "-f", self.keys["ed25519"][0], "-n", NAMESPACE, unstructured)
+        self.publish_built(unstructured)
+        self.publish_built(self.build(1700000002, sign_with=None), signature=False)
+        server = self.start(verify_updates=False)
+        self.assertEqual(server.get("/ls").body, b"opq-box-update-1700000001.tar.bz2")
+        self.assertIn("1 update(s) waiting for a signature", server.health()["info"])
+
+    def test_a_key_removed_from_the_file_stops_its_updates_at_restart_or_sighup(self):
+        self.publish_built(self.build(1700000001, "ed25519"))
+        self.publish_built(self.build(1700000002, "rsa"))
+        server = self.start()
+        self.assertEqual(server.get("/version").body, b"1700000002")
+        self.write_allowed("ops@example.org %s\n" % self.keys["ed25519"][1])     # the RSA key revoked
+        server.process.send_signal(signal.SIGHUP)
+        self.assertTrue(wait_until(lambda: server.get("/version").body == b"1700000001", 10), server.log())
+        self.assertIn("read 1 key(s)", server.log())
+        self.write_allowed("ops@example.org broken-key-type AAAA\n")             # a broken file keeps the keys
+        server.process.send_signal(signal.SIGHUP)
+        self.assertTrue(wait_until(lambda: "the keys read before stay in use" in server.log(), 10))
+        self.assertEqual(server.get("/version").body, b"1700000001")
+        self.write_allowed("rsa-ops@example.org %s\n" % self.keys["rsa"][1])
+        self.assertEqual(server.stop(), 0)
+        restarted = self.start()
+        self.assertEqual(restarted.get("/ls").body, b"opq-box-update-1700000002.tar.bz2")
+
+    def test_a_restart_with_many_signed_archives_offers_the_newest_first(self):
+        versions = list(range(1700000000, 1700000030))
+        for version in versions:
+            self.publish_built(self.build(version))
+        server = self.start(wait_for_checks=False)
+        first = None
+        deadline = time.monotonic() + 60
+        while first is None and time.monotonic() < deadline:
+            answer = server.get("/ls")
+            if answer.body:
+                first = answer.body.decode().split("\n")
+            time.sleep(0.01)
+        self.assertEqual(first[-1], "opq-box-update-%d.tar.bz2" % versions[-1], "the newest is offered first")
+        self.assertTrue(wait_until(lambda: len(server.get("/ls").body.split(b"\n")) == len(versions), 60))
+
+    def test_check_command_names_the_signer(self):
+        good = self.build(1700000001)
+        stranger = self.build(1700000002, "stranger")
+        unsigned = self.build(1700000003, sign_with=None)
+        finished = subprocess.run([python_executable(), SERVER, "check", "--allowed-signers", self.allowed, good,
+                                   stranger, unsigned], stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(finished.returncode, 1)
+        lines = finished.stdout.decode().splitlines()
+        self.assertRegex(lines[0], r"^OK        [0-9a-f]{64}  %s  signed by ops@example.org$" % good)
+        self.assertEqual(lines[1], "REJECTED  %s: signature: no listed key made this signature" % stranger)
+        self.assertIn("REJECTED  %s: signature: the .sig cannot be read" % unsigned, lines[2])
