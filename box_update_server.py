@@ -55,8 +55,8 @@ import time
 import types
 import urllib.parse
 from bisect import bisect_left
-from typing import (Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Set,
-                    Tuple, TypeVar, Union)
+from typing import (Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence,
+                    Set, Tuple, TypeVar, Union)
 
 __version__ = "3.0"
 
@@ -143,7 +143,6 @@ def parse_settings(text: Optional[str], cwd: str = ".") -> Tuple[Settings, List[
     known = set(Settings._fields)
     warnings = ["unknown setting %r is ignored" % key for key in sorted(raw) if key not in known]
     return settings, warnings
-
 
 
 def _port_setting(key: str, value: object) -> int:
@@ -256,7 +255,7 @@ class Digests(NamedTuple):
     sha256: bytes
     sha512: bytes
 
-    def of(self, algorithm: str) -> bytes:
+    def for_algorithm(self, algorithm: str) -> bytes:
         """The digest a signature's hash algorithm names."""
         return self.sha512 if algorithm == "sha512" else self.sha256
 
@@ -270,17 +269,20 @@ class _HashingReader:
         self.sha512 = hashlib.sha512()
 
     def read_chunk(self) -> bytes:
+        """The next chunk of the file (empty at its end), hashed."""
         data = self.fileobj.read(READ_CHUNK) or b""
         self.sha256.update(data)
         self.sha512.update(data)
         return data
 
     def read_to_end(self) -> Digests:
+        """Hash the rest of the file."""
         while self.read_chunk():
             pass
         return self.digests()
 
     def digests(self) -> Digests:
+        """The digests of what was read so far."""
         return Digests(self.sha256.digest(), self.sha512.digest())
 
 
@@ -1033,7 +1035,8 @@ class FileIdentity(NamedTuple):
     regular: bool
 
     @classmethod
-    def of(cls, status: os.stat_result) -> "FileIdentity":
+    def from_stat(cls, status: os.stat_result) -> "FileIdentity":
+        """The identity an lstat or fstat result gives."""
         return cls(status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns,
                    stat.S_ISREG(status.st_mode))
 
@@ -1226,6 +1229,7 @@ class FolderWatcher:
         return changed
 
     def close(self) -> None:
+        """Let go of the folder's descriptor (the next listing opens it again)."""
         if self._folder_fd is not None:
             os.close(self._folder_fd)
             self._folder_fd = None
@@ -1272,7 +1276,7 @@ class FolderWatcher:
         else:
             if known is not None and known.ctime_ns == status.st_ctime_ns and known.inode == status.st_ino:
                 return
-            identity = FileIdentity.of(status)
+            identity = FileIdentity.from_stat(status)
         if identity != known:
             if identity is None:
                 self.entries.pop(name, None)
@@ -1303,6 +1307,7 @@ class CheckQueue:
         self._pushed = 0
 
     def push(self, candidate: Candidate) -> None:
+        """Queue a new or changed candidate."""
         self._pushed += 1
         heapq.heappush(self._heap, (-candidate.version, candidate.name, self._pushed, candidate))
 
@@ -1324,6 +1329,7 @@ class CheckQueue:
         return None
 
     def settling(self) -> bool:
+        """Whether a candidate waits for its file to stop changing (so the checker looks again soon)."""
         return bool(self._settling)
 
 
@@ -1359,6 +1365,8 @@ class Catalog:
     def start(self) -> None:
         """Scan once, so the first requests see the folder, then watch and check in the background."""
         self.scan()
+        with self._lock:
+            self._publish()     # even an empty folder: the snapshot says when it was first seen
         for target, name in ((self._watch_loop, "catalog-watcher"), (self._check_loop, "catalog-checker")):
             threading.Thread(target=target, name=name, daemon=True).start()
 
@@ -1486,7 +1494,7 @@ class Catalog:
                         verdict = ArchiveVerdict(None, hash_update_file(fileobj))
                 except ArchiveError as error:
                     verdict = ArchiveVerdict(str(error), None)
-                if FileIdentity.of(os.fstat(fileobj.fileno())) != candidate.identity:
+                if FileIdentity.from_stat(os.fstat(fileobj.fileno())) != candidate.identity:
                     return None     # the verdict is about bytes that are no longer there
                 return verdict
         except OSError as error:
@@ -1506,7 +1514,8 @@ class Catalog:
             if archive is None or archive.digests is None:
                 return None
             parsed = parse_sshsig(armored)
-            signer = verify_sshsig(parsed, archive.digests.of(parsed.hash_algorithm), signers, SIGNATURE_NAMESPACE)
+            digest = archive.digests.for_algorithm(parsed.hash_algorithm)
+            signer = verify_sshsig(parsed, digest, signers, SIGNATURE_NAMESPACE)
             return SignatureVerdict(None, armored, signer, signers)
         except SignatureError as error:
             return SignatureVerdict("signature: %s" % error, None, None, signers)
@@ -1582,7 +1591,7 @@ def read_signature_file(path: str, expected: Optional[FileIdentity]) -> Optional
             raise SignatureError("the .sig is not a regular file") from None
         raise SignatureError("the .sig cannot be read: %s" % (error.strerror or error)) from None
     with fileobj:
-        if expected is not None and FileIdentity.of(os.fstat(fileobj.fileno())) != expected:
+        if expected is not None and FileIdentity.from_stat(os.fstat(fileobj.fileno())) != expected:
             return None
         data = fileobj.read(MAX_SIGNATURE_BYTES + 1) or b""
     if len(data) > MAX_SIGNATURE_BYTES:
@@ -1727,6 +1736,7 @@ def parse_address(text: str) -> Optional[Address]:
 
 
 def in_networks(address: Optional[Address], networks: Sequence[Network]) -> bool:
+    """Whether an address lies in one of the networks (None, not an address, never does)."""
     return address is not None and any(address in network for network in networks)
 
 
@@ -1748,7 +1758,7 @@ def forwarded_for(headers: Mapping[str, str]) -> List[str]:
     return hops
 
 
-def client_address(peer: str, headers: Mapping[str, str], trusted_proxies: Sequence[Network]) -> str:
+def client_behind_proxies(peer: str, headers: Mapping[str, str], trusted_proxies: Sequence[Network]) -> str:
     """Who sent a request: the peer, or behind trusted proxies the right-most address they did not add.
 
     Forwarding headers from anyone else are ignored, so no client can choose its address.
@@ -2018,7 +2028,7 @@ class Metrics:
                 ("updates_unsigned", "Archives waiting for their signature.", snapshot.unsigned),
                 ("latest_version", "VERSION of the newest offered update (0: none).", latest.version if latest else 0),
                 ("updates_folder_ok", "1 when the updates folder can be read, else 0.", int(snapshot.problem is None)),
-                ("seconds_since_folder_change", "Seconds since the updates folder last changed.",
+                ("folder_unchanged_seconds", "Seconds since the updates folder last changed.",
                  round(time.time() - snapshot.changed_at, 3))):
             out.family("box_update_server_" + name, "gauge", help_text, [({}, value)])
         out.family("box_update_server_check_seconds_total", "counter", "Seconds spent checking archives.",
@@ -2038,12 +2048,14 @@ class MetricsWriter:
 
     def family(self, name: str, kind: str, help_text: str,
                samples: Iterable[Tuple[Mapping[str, str], Union[int, float]]]) -> None:
+        """A metric family: its HELP and TYPE lines, then its samples."""
         self.lines += ["# HELP %s %s" % (name, help_text), "# TYPE %s %s" % (name, kind)]
         for labels, value in samples:
             self.sample(name, labels, value)
 
     def histogram(self, name: str, help_text: str, buckets: Mapping[str, List[int]],
                   sums: Mapping[str, float]) -> None:
+        """A histogram by route: cumulative buckets up to +Inf, then _sum and _count."""
         self.lines += ["# HELP %s %s" % (name, help_text), "# TYPE %s histogram" % name]
         for route in sorted(buckets):
             cumulative = 0
@@ -2055,11 +2067,13 @@ class MetricsWriter:
             self.sample(name + "_count", {"route": route}, cumulative)
 
     def sample(self, name: str, labels: Mapping[str, str], value: Union[int, float]) -> None:
+        """One sample line; label values escaped as the format asks."""
         text = ",".join('%s="%s"' % (key, label.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n"))
                         for key, label in labels.items())
         self.lines.append("%s{%s} %s" % (name, text, value) if text else "%s %s" % (name, value))
 
     def text(self) -> str:
+        """The whole exposition, ending in a newline."""
         return "\n".join(self.lines) + "\n"
 
 
@@ -2127,6 +2141,7 @@ class RequestReader(io.RawIOBase):
             self.deadline = time.monotonic() + self.head_timeout
 
     def head_complete(self) -> None:
+        """The whole head is here: back to idle_timeout for the reads to come."""
         self.in_head, self.deadline = False, None
         self._set_timeout(self.idle_timeout)
 
@@ -2253,7 +2268,7 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
         self.request_headers = head.headers
         self.close_connection = not head.keep_alive
         if self.slot.trusted:
-            self.client = client_address(self.peer, head.headers, self.server.settings.trusted_proxies)
+            self.client = client_behind_proxies(self.peer, head.headers, self.server.settings.trusted_proxies)
         if head.method in ("GET", "HEAD"):
             self.route(request_path(head.target))
         else:
@@ -2313,8 +2328,8 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
         if latest is None:
             self.send_text(404, NOT_FOUND)
         else:
-            self.send_small(303, b"", "text/plain", (("Location", "update/" + latest.name),
-                                                      ("Cache-Control", CACHE_REVALIDATE)))
+            self.send_small(303, b"", "text/plain",
+                            (("Location", "update/" + latest.name), ("Cache-Control", CACHE_REVALIDATE)))
 
     def answer_version(self) -> None:
         """/version: the newest VERSION as text."""
@@ -2370,7 +2385,7 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
             self.send_text(404, NOT_FOUND)
             return
         with fileobj:
-            identity = FileIdentity.of(os.fstat(fileobj.fileno()))
+            identity = FileIdentity.from_stat(os.fstat(fileobj.fileno()))
             if identity != update.identity:
                 self.server.catalog.suspect(update.name)
                 if update.checked:
@@ -2434,7 +2449,7 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
                     raise DownloadCut("the file changed")       # it ends before the size it had
                 sent += done or 0
                 if sent == count or sent - checked_up_to >= self.copy_chunk:
-                    if FileIdentity.of(os.fstat(source)) != identity:
+                    if FileIdentity.from_stat(os.fstat(source)) != identity:
                         raise DownloadCut("the file changed")
                     checked_up_to = sent
                 now = time.monotonic()
@@ -2527,10 +2542,9 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
         else:
             request = self.raw_requestline.rstrip(b"\r\n").decode("latin-1")
         status = self.status or 0
-        self.server.access_log.write('%s "%s" %d %d %.1fms' % (self.client, escape_for_log(request), status,
-                                                                self.bytes_sent, seconds * 1000))
+        self.server.access_log.write('%s "%s" %d %d %.1fms'
+                                     % (self.client, escape_for_log(request), status, self.bytes_sent, seconds * 1000))
         self.server.metrics.count(self.route_label, status, self.bytes_sent, seconds, self.download, self.ranged)
-
 
 
 @functools.lru_cache(maxsize=64)
@@ -2649,10 +2663,12 @@ class ConnectionTable:
         return True
 
     def slot_of(self, connection: socket.socket) -> Slot:
+        """The slot a handler thread's connection was admitted with."""
         with self._lock:
             return self._slots.get(connection) or Slot(connection, "", False)
 
     def release(self, connection: socket.socket) -> None:
+        """The connection closed: its slot is free (unless it was evicted, and so freed, already)."""
         with self._lock:
             slot = self._slots.get(connection)
             if slot is not None:
@@ -2667,6 +2683,7 @@ class ConnectionTable:
             del self._per_client[slot.client]
 
     def open_count(self) -> int:
+        """Connections holding a slot now."""
         return len(self._slots)
 
     @contextlib.contextmanager
@@ -2711,6 +2728,7 @@ class AccessLog:
         self._prefix = ""
 
     def write(self, message: str) -> None:
+        """One access line."""
         if self.descriptor is None:
             logger.info("%s", message)
             return
@@ -2886,7 +2904,8 @@ def check_files(paths: Sequence[str], signers: Optional[Sequence[AllowedSigner]]
             if signers is not None:
                 armored = read_signature_file(path + SIGNATURE_SUFFIX, None)
                 signature = parse_sshsig(armored or b"")
-                signer = verify_sshsig(signature, digests.of(signature.hash_algorithm), signers, SIGNATURE_NAMESPACE)
+                digest = digests.for_algorithm(signature.hash_algorithm)
+                signer = verify_sshsig(signature, digest, signers, SIGNATURE_NAMESPACE)
                 signed_by = "  signed by %s" % signer
             print("OK        %s  %s%s" % (digests.sha256.hex(), path, signed_by))
         except (ArchiveError, SignatureError, OSError) as error:

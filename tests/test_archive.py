@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import tarfile
-import time
 import tracemalloc
 import unittest
 
@@ -81,7 +80,8 @@ class CheckUpdateArchiveTest(unittest.TestCase):
     def test_both_digests_come_from_the_same_pass(self):
         data = archive_bytes(update_members(1700000000))
         digests = check(data)
-        self.assertEqual((digests.sha256, digests.sha512), (hashlib.sha256(data).digest(), hashlib.sha512(data).digest()))
+        self.assertEqual((digests.sha256, digests.sha512),
+                         (hashlib.sha256(data).digest(), hashlib.sha512(data).digest()))
         self.assertEqual(bus.hash_update_file(io.BytesIO(data)), digests)
 
     def test_version_must_match_the_file_name(self):

@@ -38,10 +38,12 @@ class ParseSettingsTest(unittest.TestCase):
             "request_header_timeout": 3, "max_connections": 10, "max_connections_per_client": 7,
             "verify_updates": False, "trusted_proxies": ["10.1.2.3", "fd00::/8"], "metrics_allow": ["192.0.2.0/24"],
             "allowed_signers": "keys/allowed_signers"}), cwd="/opt/box")
-        self.assertEqual((settings.host, settings.idle_timeout, settings.shutdown_grace, settings.request_header_timeout,
-                          settings.max_connections, settings.max_connections_per_client, settings.verify_updates),
+        self.assertEqual((settings.host, settings.idle_timeout, settings.shutdown_grace,
+                          settings.request_header_timeout, settings.max_connections,
+                          settings.max_connections_per_client, settings.verify_updates),
                          ("127.0.0.1", 2.0, 0.5, 3.0, 10, 7, False))
-        self.assertEqual(settings.trusted_proxies, (ipaddress.ip_network("10.1.2.3/32"), ipaddress.ip_network("fd00::/8")))
+        self.assertEqual(settings.trusted_proxies,
+                         (ipaddress.ip_network("10.1.2.3/32"), ipaddress.ip_network("fd00::/8")))
         self.assertEqual(settings.metrics_allow, (ipaddress.ip_network("192.0.2.0/24"),))
         self.assertEqual(settings.allowed_signers, "/opt/box/keys/allowed_signers")
 

@@ -29,7 +29,7 @@ def instruction(name):
 def compose_example():
     """The environment and volume of the README's docker compose service."""
     with open(os.path.join(ROOT, "README.md")) as readme:
-        block = re.search(r"```yaml\n(.*?)```", readme.read(), re.S).group(1)
+        block = re.search(r"```yaml\n(services:.*?)```", readme.read(), re.S).group(1)
     settings = re.search(r"BOX_UPDATE_SERVER_SETTINGS: '(.*)'", block).group(1)
     volume = re.search(r"- (\S+):(\S+):ro", block)
     port = re.search(r'- "(\d+):(\d+)"', block)

@@ -9,14 +9,13 @@ import http.client
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import tarfile
 import threading
 import time
 
-from support import (QUICK, HealthWatcher, ServerProcess, SlowDownload, TempDirTestCase, connect, file_member, heavy,
+from support import (HealthWatcher, ServerProcess, SlowDownload, TempDirTestCase, connect, file_member, heavy,
                      make_update, publish, python_executable, raw_exchange, record, require_binary, status_of,
                      update_members, wait_until, SERVER)
 
@@ -188,8 +187,8 @@ class SlowAndHostileClientsTest(TempDirTestCase):
         record("Slow and idle clients", "slowloris from four addresses at a quarter of max_connections each (the "
                "server full), trickling for 6 s",
                "stalled heads older than 1 s gave their slots up to newcomers; OPQ Health's / answered %d times, "
-               "p50 %.0f ms, max %.0f ms" % (len(watcher.latencies), percentile(watcher.latencies, 0.5) * 1000,
-                                            max(watcher.latencies) * 1000))
+               "p50 %.0f ms, max %.0f ms"
+               % (len(watcher.latencies), percentile(watcher.latencies, 0.5) * 1000, max(watcher.latencies) * 1000))
 
     def test_five_hundred_stalled_connections_are_closed_by_the_head_deadline(self):
         server = self.start_server(request_header_timeout=2, idle_timeout=30)
@@ -534,5 +533,5 @@ class HugeFolderTest(TempDirTestCase):
         self.assertLess(idle, 0.01, "idle CPU %.2f%% of a core" % (idle * 100))
         record("Load", "100,000 files in the updates folder (99,999 rejected, 1 good)",
                "the newest update offered %.1f s after start; all checked in %.0f s (20,000: %.0f s); idle CPU "
-               "%.2f%% of a core; RSS %d MB" % (newest_after, all_after, small_all, idle * 100,
-                                               server.rss_kb() >> 10))
+               "%.2f%% of a core; RSS %d MB"
+               % (newest_after, all_after, small_all, idle * 100, server.rss_kb() >> 10))

@@ -6,6 +6,7 @@ import calendar
 import hashlib
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,8 +14,8 @@ import tempfile
 import time
 import unittest
 
-from support import (SERVER, TempDirTestCase, archive_bytes, make_update, publish, python_executable, update_members,
-                     wait_until)
+from support import (ROOT, SERVER, TempDirTestCase, archive_bytes, make_update, publish, python_executable,
+                     require_binary, update_members, wait_until)
 
 import box_update_server as sig
 
@@ -154,7 +155,7 @@ def rearmored(parsed, **changes):
 
 def digest_of(signature, message):
     """H(message) as the server computes it (one pass, both digests), for the signature's hash algorithm."""
-    return sig.hash_update_file(io.BytesIO(message)).of(signature.hash_algorithm)
+    return sig.hash_update_file(io.BytesIO(message)).for_algorithm(signature.hash_algorithm)
 
 
 def flip_bit(data, bit):
@@ -1009,3 +1010,74 @@ class SignedUpdatesTest(TempDirTestCase):
         self.assertRegex(lines[0], r"^OK        [0-9a-f]{64}  %s  signed by ops@example.org$" % good)
         self.assertEqual(lines[1], "REJECTED  %s: signature: no listed key made this signature" % stranger)
         self.assertIn("REJECTED  %s: signature: the .sig cannot be read" % unsigned, lines[2])
+
+
+def readme_block(after):
+    """The first bash block in README.md after the line that starts with `after`."""
+    with open(os.path.join(ROOT, "README.md")) as readme:
+        text = readme.read()
+    start = text.index("\n" + after)
+    return re.search(r"```bash\n(.*?)```", text[start:], re.S).group(1)
+
+
+@unittest.skipIf(SSH_KEYGEN is None, "ssh-keygen is not installed: the README's signing workflow skipped")
+class ReadmeSigningWorkflowTest(TempDirTestCase):
+    """The README's commands for operators and boxes, run as written (paths pointed at the test's folders)."""
+
+    def setUp(self):
+        super().setUp()
+        self.home = os.path.join(self.tmp, "home")
+        os.makedirs(os.path.join(self.home, ".ssh"))
+        self.env = dict(os.environ, HOME=self.home)
+        self.env.pop("SSH_AUTH_SOCK", None)
+        self.operator = os.path.join(self.tmp, "operator")
+        os.mkdir(self.operator)
+        commands = readme_block("Make a key on the operator's machine")
+        subprocess.run(["bash", "-c", commands.replace("ssh-keygen -t ed25519", "ssh-keygen -q -N '' -t ed25519")],
+                       cwd=self.operator, env=self.env, check=True, timeout=60)
+        self.allowed = os.path.join(self.operator, "allowed_signers")
+
+    def publish_as_the_readme_says(self, version):
+        make_update(self.operator, version, mtime=time.time() - 60)
+        commands = readme_block("Sign and publish").replace("1764547200", str(version)).replace(
+            "/srv/updates", self.updates).replace("python3 box_update_server.py", python_executable() + " " + SERVER)
+        finished = subprocess.run(["bash", "-ec", commands], cwd=self.operator, env=self.env, timeout=60,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.assertEqual(finished.returncode, 0, finished.stdout.decode())
+        self.assertIn(b"signed by ops@example.org", finished.stdout)
+
+    def run_box(self, server):
+        box = os.path.join(self.tmp, "box-%d" % time.monotonic_ns())
+        os.makedirs(os.path.join(box, "bin"))
+        with open(os.path.join(box, "bin", "sudo"), "w") as sudo:   # boxes run the installer with sudo
+            sudo.write('#!/bin/sh\nexec "$@"\n')
+        os.chmod(os.path.join(box, "bin", "sudo"), 0o755)
+        env = dict(self.env, ENDPOINT=server.url("").rstrip("/"), ALLOWED_SIGNERS=self.allowed,
+                   PRINCIPAL="ops@example.org", PATH=os.path.join(box, "bin") + os.pathsep + os.environ["PATH"])
+        return subprocess.run(["sh", "-c", readme_block("On a box, this replaces")], cwd=box, env=env, timeout=120,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def test_a_signed_update_is_published_offered_and_installed_by_a_box(self):
+        require_binary("wget")
+        self.publish_as_the_readme_says(1764547200)
+        server = self.start_server(allowed_signers=self.allowed)
+        self.assertEqual(server.get("/version").body, b"1764547200")
+        finished = self.run_box(server)
+        self.assertEqual(finished.returncode, 0, finished.stdout.decode())
+        self.assertIn(b"Good \"opq-box-update\" signature for ops@example.org", finished.stdout)
+        self.assertIn(b"installed", finished.stdout)
+
+    def test_a_box_refuses_what_a_listed_key_did_not_sign(self):
+        require_binary("wget")
+        self.publish_as_the_readme_says(1764547200)
+        stranger = os.path.join(self.tmp, "stranger")
+        subprocess.run([SSH_KEYGEN, "-q", "-N", "", "-t", "ed25519", "-f", stranger], check=True, env=self.env)
+        forged = os.path.join(self.updates, "opq-box-update-1764547300.tar.bz2")
+        make_update(self.updates, 1764547300)
+        subprocess.run([SSH_KEYGEN, "-Y", "sign", "-f", stranger, "-n", NAMESPACE, forged], check=True,
+                       env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server = self.start_server()     # a compromised host: no allowed_signers, so the forgery is offered
+        self.assertEqual(server.get("/version").body, b"1764547300")
+        finished = self.run_box(server)
+        self.assertNotEqual(finished.returncode, 0)
+        self.assertNotIn(b"installed", finished.stdout)

@@ -30,7 +30,8 @@ TRUSTED = (ipaddress.ip_network("10.0.0.0/8"),)
 def check_head(raw):
     lines = raw.split(b"\n")
     try:
-        head = bus.parse_request_head(bus.request_line_text(lines[0]), [bus.request_line_text(line) for line in lines[1:]])
+        fields = [bus.request_line_text(line) for line in lines[1:]]
+        head = bus.parse_request_head(bus.request_line_text(lines[0]), fields)
     except bus.BadRequest as error:
         assert 400 <= error.status < 500 or error.status == 501, error.status
         return None
@@ -45,7 +46,7 @@ def test_one_input(data):
 
     head = check_head(provider.ConsumeBytes(512))
     peer = provider.PickValueInList(["10.1.2.3", "192.0.2.1", "::ffff:10.0.0.9"])
-    client = bus.client_address(peer, head.headers if head else {"x-forwarded-for": text}, TRUSTED)
+    client = bus.client_behind_proxies(peer, head.headers if head else {"x-forwarded-for": text}, TRUSTED)
     if not bus.in_networks(bus.parse_address(peer), TRUSTED):
         assert client == peer
 
