@@ -378,7 +378,7 @@ class ClientAddressTest(unittest.TestCase):
                               ("2001:db8::9", self.TRUSTED)]:
             for headers in spoofs:
                 with self.subTest(peer=peer, trusted=trusted, headers=headers):
-                    self.assertEqual(bus.client_address(peer, headers, trusted), peer)
+                    self.assertEqual(bus.client_behind_proxies(peer, headers, trusted), peer)
 
     def test_behind_trusted_proxies(self):
         cases = [("10.0.0.1", {}, "10.0.0.1"),
@@ -401,7 +401,7 @@ class ClientAddressTest(unittest.TestCase):
                  ("10.0.0.1", {"x-forwarded-for": "198.51.100.1", "forwarded": "for=192.0.2.60"}, "198.51.100.1")]
         for peer, headers, expected in cases:
             with self.subTest(peer=peer, headers=headers):
-                self.assertEqual(bus.client_address(peer, headers, self.TRUSTED), expected)
+                self.assertEqual(bus.client_behind_proxies(peer, headers, self.TRUSTED), expected)
 
 
 class ParseRangeTest(unittest.TestCase):
