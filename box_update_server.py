@@ -2253,13 +2253,15 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
         while True:
             field = self.rfile.readline(self.max_head_bytes + 1 - size)
             size += len(field)
-            if size > self.max_head_bytes or len(fields) >= self.max_header_fields:
+            if size > self.max_head_bytes:
                 raise BadRequest(431, "Request header fields too large.")
             if not field.endswith(b"\n"):
                 raise ConnectionResetError(errno.ECONNRESET, "closed during the request head")
             if field in (b"\r\n", b"\n"):
                 break
             fields.append(request_line_text(field))
+            if len(fields) > self.max_header_fields:
+                raise BadRequest(431, "Too many header fields.")
         self.reader.head_complete()
         return parse_request_head(self.requestline, fields)
 

@@ -116,6 +116,17 @@ class RoutesTest(TempDirTestCase):
         self.assertEqual(answer.header("Content-Type"), "text/plain; version=0.0.4; charset=utf-8")
         self.assertIn(b"box_update_server_updates_offered 2\n", answer.body)
 
+    def test_request_head_limits(self):
+        def answer(path="/ls", fields=()):
+            head = "GET %s HTTP/1.1\r\nHost: x\r\n%s\r\n" % (path, "".join("X-%s: y\r\n" % n for n in fields))
+            return status_of(raw_exchange(self.server.port, head.encode()))
+        line = len("GET  HTTP/1.1\r\n")
+        self.assertEqual(answer("/" + "a" * (8192 - line - 1)), 404)
+        self.assertEqual(answer("/" + "a" * (8192 - line)), 414)
+        self.assertEqual(answer(fields=range(99)), 200)           # with Host, 100 fields
+        self.assertEqual(answer(fields=range(100)), 431)
+        self.assertEqual(answer(fields=["%d-%s" % (n, "v" * 400) for n in range(80)]), 431)   # over 32 KiB
+
     def test_other_methods_get_405_with_allow(self):
         for method in ["POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "FOO"]:
             with self.subTest(method=method):
