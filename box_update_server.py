@@ -233,17 +233,30 @@ def version_digits(name: str) -> Optional[str]:
     return match.group(1) if match else None
 
 
-def open_regular_file(path: str) -> io.FileIO:
-    """Open a regular file for reading without ever waiting on it.
+READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def open_regular(path: str) -> Tuple[int, os.stat_result]:
+    """A descriptor of a regular file, and its status, opened without ever waiting on it.
 
     No-follow refuses links; non-blocking means a FIFO or device renamed into the
     folder cannot hang the thread in open(); anything but a regular file is refused.
     """
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-    descriptor = os.open(path, flags)
+    descriptor = os.open(path, READ_FLAGS)
     try:
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", path)
+    except BaseException:
+        os.close(descriptor)
+        raise
+    return descriptor, status
+
+
+def open_regular_file(path: str) -> io.FileIO:
+    """open_regular, as a file object to read from."""
+    descriptor, _ = open_regular(path)
+    try:
         return io.FileIO(descriptor, "rb", closefd=True)
     except BaseException:
         os.close(descriptor)
@@ -2381,23 +2394,25 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
             self.send_text(404, NOT_FOUND)
             return
         try:
-            fileobj = open_regular_file(update.path)
+            descriptor, status = open_regular(update.path)
         except OSError:             # removed since the last look
             self.server.catalog.suspect(update.name)
             self.send_text(404, NOT_FOUND)
             return
-        with fileobj:
-            identity = FileIdentity.from_stat(os.fstat(fileobj.fileno()))
+        try:
+            identity = FileIdentity.from_stat(status)
             if identity != update.identity:
                 self.server.catalog.suspect(update.name)
                 if update.checked:
                     self.send_text(404, NOT_FOUND)     # not the file that was checked
                     return
-            self.send_update(fileobj, update, identity)
+            self.send_update(descriptor, update, identity)
+        finally:
+            os.close(descriptor)
 
     # File serving: GET and HEAD share this one path --------------------------
 
-    def send_update(self, fileobj: io.FileIO, update: Update, identity: FileIdentity) -> None:
+    def send_update(self, source: int, update: Update, identity: FileIdentity) -> None:
         """Plan the answer (preconditions, then Range), send its headers, then the bytes with sendfile."""
         plan = plan_download(self.command, self.request_headers, identity.size, identity.etag, identity.modified)
         headers = [("ETag", identity.etag), ("Last-Modified", format_http_date(identity.modified)),
@@ -2426,17 +2441,17 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
         self.download = (update.name, False)
         with tcp_corked(self.connection):   # headers and body in full segments, as nginx's tcp_nopush
             self.wfile.flush()
-            self.send_file_body(fileobj, plan.first, plan.length, identity)
+            self.send_file_body(source, plan.first, plan.length, identity)
         self.download = (update.name, True)
 
-    def send_file_body(self, fileobj: io.FileIO, offset: int, count: int, identity: FileIdentity) -> None:
+    def send_file_body(self, source: int, offset: int, count: int, identity: FileIdentity) -> None:
         """sendfile(2) count bytes, looking between copy_chunk pieces that the file is unchanged.
 
         Cut (DownloadCut, the connection closes) when the file changes, or when over a
         window of idle_timeout the client takes fewer than min_send_rate bytes a second:
         a slow download is never cut, a stalled one is.  bytes_sent counts what left.
         """
-        target, source = self.connection.fileno(), fileobj.fileno()
+        target = self.connection.fileno()
         idle_timeout = self.server.settings.idle_timeout
         sent, checked_up_to = 0, 0
         window_start, window_sent = time.monotonic(), 0
