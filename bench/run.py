@@ -126,6 +126,8 @@ def targets(options):
          % options.download_connections),
         ("1 MiB nginx", "1 MiB downloads at %d connections: this server / nginx >= 0.95 x the same for HEAD"
          % options.download_connections),
+        ("fleet burst", "%d boxes at once, one connection and one `/latest` each: no request past 2 s, no errors"
+         % options.fleet),
         ("fleet", "%d keep-alive connections on `/latest`: no request past 2 s, no errors" % options.fleet),
         ("connection memory", "%d idle keep-alive connections: RSS < 100 MB" % options.fleet),
         ("large download", "large download >= 0.9 x the faster of nginx and `http.server`"),
@@ -806,6 +808,39 @@ def measure_fleet_connections(report, servers, options):
                     options.fleet), worst < 2000 and not errors and taken_up >= options.fleet)
 
 
+def measure_fleet_burst(report, servers, options):
+    """options.fleet boxes arriving at once, each with one connection and one /latest: the moment an update is
+    announced.  ab (apache2-utils) opens them all together; its longest request includes the wait to be
+    taken up, which wrk's figures leave out."""
+    ab = shutil.which("ab")
+    if not ab:
+        report.skip("fleet burst", "ab is not installed (apt-get install apache2-utils)")
+        return
+    rows, ours_worst, ours_failed = [], None, None
+    for server in servers:
+        worst, failed, idle_threads = [], 0, server.status("Threads")
+        for _ in range(options.rounds):
+            finished = subprocess.run([ab, "-q", "-r", "-s", "10", "-n", str(3 * options.fleet), "-c",
+                                       str(options.fleet), "http://127.0.0.1:%d/latest" % server.port],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=120)
+            output = finished.stdout.decode("utf-8", "replace")
+            longest = re.search(r"100%\s+(\d+)", output)
+            worst.append(int(longest.group(1)) if longest else float("inf"))
+            failures = re.search(r"Failed requests:\s+(\d+)", output)
+            failed += int(failures.group(1)) if failures else 3 * options.fleet
+            server.settle(idle_threads + 2)
+        rows.append([server.name, "%.0f" % median(worst), "%.0f" % max(worst), failed])
+        if ours_worst is None:
+            ours_worst, ours_failed = max(worst), failed
+    report.table("%d boxes at once on `/latest`, one connection each (ab -c%d -n%d, %d runs)"
+                 % (options.fleet, options.fleet, 3 * options.fleet, options.rounds),
+                 ["server", "longest request ms (median of runs)", "longest request ms (worst run)", "failed"],
+                 rows, "Each of ab's connections makes one request and closes, as a box does; the longest request "
+                 "counts from ab's connect, so it includes the wait for the server to take the connection up.")
+    report.judge("fleet burst", "longest %.0f ms, %d failed" % (ours_worst, ours_failed),
+                 ours_worst < 2000 and not ours_failed)
+
+
 def measure_connection_memory(report, folder, log, options):
     """RSS of a fresh server before and with options.fleet idle keep-alive connections."""
     server = start_box_server("this server", folder, log=log, max_connections=2 * options.fleet,
@@ -1032,6 +1067,7 @@ def fleet_measurements(report, workdir, folder, mib_path, nginx, options):
         for server in [sendfile, head] + others:
             if server:
                 server.stop()
+        measure_fleet_burst(report, [ours, ceiling], options)
         measure_fleet_connections(report, [ours, ceiling], options)
     measure_connection_memory(report, folder, log_file(workdir, "memory"), options)
 
