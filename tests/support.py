@@ -398,6 +398,18 @@ def close_all(connections):
         connection.close()
 
 
+def read_response_head(connection):
+    """(head, the body bytes that came with it) of the answer arriving on a raw socket."""
+    received = b""
+    while b"\r\n\r\n" not in received:
+        chunk = connection.recv(4096)
+        if not chunk:
+            raise ConnectionError("closed before the headers")
+        received += chunk
+    head, body = received.split(b"\r\n\r\n", 1)
+    return head, body
+
+
 class SlowDownload(threading.Thread):
     """A raw-socket download read at a fixed rate through a small receive buffer, as on a thin home link.
 
@@ -423,13 +435,7 @@ class SlowDownload(threading.Thread):
                 connection.bind((self.source, 0))
                 connection.connect(("127.0.0.1", self.port))
                 connection.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n%s\r\n" % (self.path.encode(), self.extra_headers))
-                received = b""
-                while b"\r\n\r\n" not in received:
-                    chunk = connection.recv(4096)
-                    if not chunk:
-                        raise ConnectionError("closed before the headers")
-                    received += chunk
-                head, body = received.split(b"\r\n\r\n", 1)
+                head, body = read_response_head(connection)
                 self.status = status_of(head)
                 self.content_length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
                 self.headers_received.set()

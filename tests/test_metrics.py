@@ -21,7 +21,7 @@ import urllib.parse
 import urllib.request
 
 from support import (ROOT, TempDirTestCase, bus, close_all, free_port, heavy, hold_connections, make_update, publish,
-                     raw_exchange, request, require_binary, status_of, wait_until)
+                     raw_exchange, read_response_head, request, require_binary, status_of, wait_until)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PREFIX = "box_update_server_"
@@ -269,14 +269,9 @@ def abandon_download(port, path, receive_buffer=32768):
         connection.settimeout(30)
         connection.connect(("127.0.0.1", port))
         connection.sendall(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode())
-        received = b""
-        while b"\r\n\r\n" not in received:
-            chunk = connection.recv(4096)
-            if not chunk:
-                raise AssertionError("closed before the headers")
-            received += chunk
+        head, _ = read_response_head(connection)
         connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        return status_of(received)
+        return status_of(head)
 
 
 class MetricsTestCase(TempDirTestCase):
