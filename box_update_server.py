@@ -1720,9 +1720,8 @@ def check_framing(version: str, headers: Mapping[str, str], counts: Mapping[str,
     return version == "HTTP/1.1" or "keep-alive" in options
 
 
-def parse_request_head(request_line: str, header_lines: Sequence[str]) -> RequestHead:
-    """The whole head, checked: what the handler answers, or BadRequest."""
-    method, target, version = parse_request_line(request_line)
+def request_head(method: str, target: str, version: str, header_lines: Sequence[str]) -> RequestHead:
+    """The whole head, its request line parsed already: what the handler answers, or BadRequest."""
     headers, counts = parse_header_fields(header_lines)
     return RequestHead(method, target, version, headers, check_framing(version, headers, counts))
 
@@ -2228,9 +2227,12 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
             if head is None:
                 self.close_connection = True
                 return
-            with self.server.connections.serving(self.slot):
+            self.slot.begin_request()
+            try:
                 self.answer(head)
                 self.wfile.flush()
+            finally:
+                self.slot.end_request()
             if self.server.stopping:
                 self.close_connection = True
         except BadRequest as error:
@@ -2276,7 +2278,7 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
             if len(fields) > self.max_header_fields:
                 raise BadRequest(431, "Too many header fields.")
         self.reader.head_complete()
-        return parse_request_head(self.requestline, fields)
+        return request_head(self.command, self.path, self.request_version, fields)
 
     def answer(self, head: RequestHead) -> None:
         """What the request asks, for GET and HEAD; 405 for other methods."""
@@ -2622,6 +2624,22 @@ class Slot:
         self.served = False               # answered a request before: now an idle keep-alive connection
         self.evicted = False
 
+    def begin_request(self) -> None:
+        """A request from its head to its last byte: its connection is not evicted meanwhile.
+
+        No lock on this path, which every request takes: this raises busy and then looks at
+        evicted, ConnectionTable._evict_one raises evicted and then looks at busy, so under the
+        GIL at most one of them goes ahead (when they cross, both back off and the request is
+        not answered, as when a client's request meets the server's idle timeout).
+        """
+        self.busy = True
+        if self.evicted:
+            raise ConnectionAbortedError(errno.ECONNABORTED, "the connection gave its slot up")
+
+    def end_request(self) -> None:
+        """The answer is out: the connection idles, evictable again."""
+        self.busy, self.served, self.waiting_since = False, True, time.monotonic()
+
 
 class ConnectionTable:
     """Who holds the server's connection slots, so that no client can take them all.
@@ -2668,7 +2686,7 @@ class ConnectionTable:
             return False
         slot = min(waiting, key=lambda slot: slot.waiting_since)
         slot.evicted = True
-        if slot.busy:               # a request began meanwhile (see serving)
+        if slot.busy:               # a request began meanwhile (see Slot.begin_request)
             slot.evicted = False
             return False
         self._forget(slot)
@@ -2702,23 +2720,6 @@ class ConnectionTable:
     def open_count(self) -> int:
         """Connections holding a slot now."""
         return len(self._slots)
-
-    @contextlib.contextmanager
-    def serving(self, slot: Slot) -> Iterator[None]:
-        """A request from its head to its last byte: its connection is not evicted meanwhile.
-
-        No lock on this path, which every request takes: the handler raises busy and then
-        looks at evicted, _evict_one raises evicted and then looks at busy, so under the GIL
-        at most one of them goes ahead (when they cross, both back off and the request is
-        not answered, as when a client's request meets the server's idle timeout).
-        """
-        slot.busy = True
-        if slot.evicted:
-            raise ConnectionAbortedError(errno.ECONNABORTED, "the connection gave its slot up")
-        try:
-            yield
-        finally:
-            slot.busy, slot.served, slot.waiting_since = False, True, time.monotonic()
 
     def wait_for_requests(self, grace: float) -> int:
         """Wait up to grace seconds for the requests being answered to end; return how many are left."""

@@ -21,6 +21,11 @@ def http_date(seconds):
     return email.utils.formatdate(seconds, usegmt=True)
 
 
+
+def parse_head(request_line, header_lines):
+    """A whole request head, as the handler reads it: the request line, then the header section."""
+    return bus.request_head(*bus.parse_request_line(request_line), header_lines)
+
 class BadRequestAssertions(unittest.TestCase):
     """Shared assertion: the function raises BadRequest with the given status."""
 
@@ -266,7 +271,7 @@ class ParseRequestHeadTest(BadRequestAssertions):
     """RFC 9112 §2.1 and §11.2: the whole head, and the request-smuggling shapes it must refuse."""
 
     def test_a_normal_head(self):
-        head = bus.parse_request_head("GET /update/x.tar.bz2?y=1 HTTP/1.1",
+        head = parse_head("GET /update/x.tar.bz2?y=1 HTTP/1.1",
                                       ["Host: box", "User-Agent: Wget/1.21", "Range: bytes=10-", "X-A: 1", "x-a: 2"])
         self.assertIsInstance(head, bus.RequestHead)
         self.assertEqual(head, bus.RequestHead("GET", "/update/x.tar.bz2?y=1", "HTTP/1.1",
@@ -276,17 +281,17 @@ class ParseRequestHeadTest(BadRequestAssertions):
                          ("GET", "/update/x.tar.bz2?y=1", "HTTP/1.1", True))
 
     def test_an_http_1_0_head(self):
-        self.assertEqual(bus.parse_request_head("HEAD /ls HTTP/1.0", []),
+        self.assertEqual(parse_head("HEAD /ls HTTP/1.0", []),
                          bus.RequestHead("HEAD", "/ls", "HTTP/1.0", {}, False))
-        self.assertEqual(bus.parse_request_head("HEAD /ls HTTP/1.0", ["Connection: keep-alive"]),
+        self.assertEqual(parse_head("HEAD /ls HTTP/1.0", ["Connection: keep-alive"]),
                          bus.RequestHead("HEAD", "/ls", "HTTP/1.0", {"connection": "keep-alive"}, True))
-        self.assertFalse(bus.parse_request_head("GET / HTTP/1.1", ["Host: a", "Connection: close"]).keep_alive)
+        self.assertFalse(parse_head("GET / HTTP/1.1", ["Host: a", "Connection: close"]).keep_alive)
 
     def test_each_part_is_checked(self):
-        self.assertBadRequest(400, bus.parse_request_head, "GET / HTTP/2.0", ["Host: a"])
-        self.assertBadRequest(400, bus.parse_request_head, "GET / HTTP/1.1", ["Host: a", " folded"])
-        self.assertBadRequest(400, bus.parse_request_head, "GET / HTTP/1.1", [])
-        self.assertBadRequest(501, bus.parse_request_head, "GET / HTTP/1.1",
+        self.assertBadRequest(400, parse_head, "GET / HTTP/2.0", ["Host: a"])
+        self.assertBadRequest(400, parse_head, "GET / HTTP/1.1", ["Host: a", " folded"])
+        self.assertBadRequest(400, parse_head, "GET / HTTP/1.1", [])
+        self.assertBadRequest(501, parse_head, "GET / HTTP/1.1",
                               ["Host: a", "Transfer-Encoding: br, chunked"])
 
     def test_request_smuggling_shapes_are_400(self):
@@ -303,7 +308,7 @@ class ParseRequestHeadTest(BadRequestAssertions):
                  "two Host": ["Host: a", "Host: b"]}
         for shape, lines in cases.items():
             with self.subTest(shape=shape):
-                self.assertBadRequest(400, bus.parse_request_head, "GET / HTTP/1.1", lines)
+                self.assertBadRequest(400, parse_head, "GET / HTTP/1.1", lines)
 
 
 class RequestPathTest(unittest.TestCase):

@@ -31,7 +31,7 @@ def check_head(raw):
     lines = raw.split(b"\n")
     try:
         fields = [bus.request_line_text(line) for line in lines[1:]]
-        head = bus.parse_request_head(bus.request_line_text(lines[0]), fields)
+        head = bus.request_head(*bus.parse_request_line(bus.request_line_text(lines[0])), fields)
     except bus.BadRequest as error:
         assert 400 <= error.status < 500 or error.status == 501, error.status
         return None
