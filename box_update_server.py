@@ -2233,8 +2233,6 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
                 self.wfile.flush()
             finally:
                 self.slot.end_request()
-            if self.server.stopping:
-                self.close_connection = True
         except BadRequest as error:
             self.answer_bad_request(error.status, error.reason)
         except socket.timeout:
@@ -2283,7 +2281,7 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
     def answer(self, head: RequestHead) -> None:
         """What the request asks, for GET and HEAD; 405 for other methods."""
         self.request_headers = head.headers
-        self.close_connection = not head.keep_alive
+        self.close_connection = not head.keep_alive or self.server.stopping    # stopping: this is the last
         if self.slot.trusted:
             self.client = client_behind_proxies(self.peer, head.headers, self.server.settings.trusted_proxies)
         if head.method in ("GET", "HEAD"):

@@ -147,8 +147,9 @@ class ServerProcess:
                                             stderr=self.log_file)
             if wait_until(lambda: "listening on" in self.log() or self.process.poll() is not None, 10):
                 if self.process.poll() is None:
-                    if wait_for_checks:
-                        wait_until(lambda: "waiting to be checked" not in self.health().get("info", ""), 30)
+                    if wait_for_checks and not wait_until(
+                            lambda: "waiting to be checked" not in self.health().get("info", ""), 60):
+                        raise AssertionError("the server kept files waiting to be checked:\n" + self.log())
                     return self
                 if "already in use" not in self.log():
                     break
@@ -508,7 +509,8 @@ class InProcessServer:
         test.addCleanup(self.server.server_close)
         test.addCleanup(self.server.shutdown)
         self.port = self.server.server_address[1]
-        wait_until(lambda: self.catalog.snapshot.waiting == 0, 30)
+        if not wait_until(lambda: self.catalog.snapshot.waiting == 0, 60):
+            raise AssertionError("the catalog kept files waiting to be checked")
 
     def get(self, path, headers=None):
         return request(self.port, "GET", path, headers)

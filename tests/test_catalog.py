@@ -167,28 +167,75 @@ class CatalogTest(CatalogTestCase):
         self.assertEqual(checked, sorted(versions, reverse=True))
 
     def test_a_file_modified_within_the_settle_time_waits(self):
-        catalog = self.catalog()
-        log = self.capture_log()
-        data = archive_bytes(update_members(1700000000))
-        path = os.path.join(self.updates, "opq-box-update-1700000000.tar.bz2")
-        with open(path, "wb") as out:   # copied straight into place, not renamed, by a writer that pauses
-            out.write(data[:len(data) // 2])
-            out.flush()
-            time.sleep(bus.CheckQueue.SETTLE_SECONDS * 0.6)    # the watcher sees the half file meanwhile
-            out.write(data[len(data) // 2:])
+        with mock.patch.object(bus.CheckQueue, "SETTLE_SECONDS", 3.0):   # room for a busy machine
+            catalog = self.catalog()
+            log = self.capture_log()
+            data = archive_bytes(update_members(1700000000))
+            path = os.path.join(self.updates, "opq-box-update-1700000000.tar.bz2")
+            with open(path, "wb") as out:   # copied straight into place, not renamed, by a writer that pauses
+                out.write(data[:len(data) // 2])
+                out.flush()
+                time.sleep(1.0)             # the watcher sees the half file meanwhile
+                out.write(data[len(data) // 2:])
         self.assertTrue(wait_until(lambda: self.names(catalog) == [os.path.basename(path)], 10))
         self.assertEqual([line for line in log if "rejected" in line], [], "the half file was checked")
         self.assertEqual(catalog.snapshot.rejected, 0)
 
 
+class CheckQueueTest(unittest.TestCase):
+    """The checker's queue, without threads: newest first, and a file written just now waits."""
+
+    @staticmethod
+    def candidate(version, age_seconds):
+        mtime_ns = time.time_ns() - int(age_seconds * 1e9)
+        return bus.Candidate("opq-box-update-%d.tar.bz2" % version, str(version),
+                             bus.FileIdentity(1, 100, mtime_ns, mtime_ns, True), None)
+
+    def test_newest_first(self):
+        queue = bus.CheckQueue()
+        for version in (5, 7, 6):
+            queue.push(self.candidate(version, 60))
+        self.assertEqual([queue.pop(lambda c: True).version for _ in range(3)], [7, 6, 5])
+        self.assertIsNone(queue.pop(lambda c: True))
+
+    def test_a_file_written_just_now_waits_and_an_older_one_does_not(self):
+        queue = bus.CheckQueue()
+        fresh = self.candidate(1700000000, 0)
+        queue.push(fresh)
+        self.assertIsNone(queue.pop(lambda c: True), "modified just now: not checked yet")
+        self.assertTrue(queue.settling())
+        old = self.candidate(1600000000, 10)
+        queue.push(old)
+        self.assertIs(queue.pop(lambda c: True), old)
+        fresh.identity = fresh.identity._replace(mtime_ns=time.time_ns() - 10 * 10**9)   # as if it had aged
+        self.assertIs(queue.pop(lambda c: True), fresh, "a settled file comes back from the side")
+
+    def test_a_replaced_candidate_is_skipped(self):
+        queue = bus.CheckQueue()
+        stale = self.candidate(1700000000, 60)
+        queue.push(stale)
+        self.assertIsNone(queue.pop(lambda c: c is not stale))
+
+
 class FolderChangesTest(CatalogTestCase):
     """What happens to files in place, where the folder itself does not change."""
+
+    def test_an_old_update_truncated_in_place_is_withdrawn(self):
+        path = make_update(self.updates, 1700000000, mtime=time.time() - 60)
+        catalog = self.catalog()
+        self.assertTrue(wait_until(lambda: len(catalog.snapshot.updates) == 1, 10))
+        # the file and the folder leave the watcher's "recently changed" set: only the rolling re-stat remains
+        time.sleep(bus.FolderWatcher.RACY_SECONDS + 2 * bus.FolderWatcher.POLL_SECONDS + 0.5)
+        os.truncate(path, 100)             # in place: the folder itself does not change
+        self.assertTrue(wait_until(lambda: os.path.basename(path) not in catalog.snapshot.by_name, 10))
 
     def test_an_offered_update_truncated_in_place_is_withdrawn_at_once(self):
         for version in range(1700000000, 1700001000):     # the 1,000 updates the 2 s promise is made for
             make_update(self.updates, version, mtime=time.time() - 60)
         catalog = self.catalog()
         self.assertTrue(wait_until(lambda: len(catalog.snapshot.updates) == 1000, 60))
+        # nothing is left in the watcher's "recently changed" set: the rolling re-stat has to find it
+        time.sleep(bus.FolderWatcher.RACY_SECONDS + 2 * bus.FolderWatcher.POLL_SECONDS + 0.5)
         victim = os.path.join(self.updates, "opq-box-update-1700000500.tar.bz2")
         os.truncate(victim, 100)          # in place: the folder itself does not change
         started = time.monotonic()

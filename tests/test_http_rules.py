@@ -21,10 +21,10 @@ def http_date(seconds):
     return email.utils.formatdate(seconds, usegmt=True)
 
 
-
 def parse_head(request_line, header_lines):
     """A whole request head, as the handler reads it: the request line, then the header section."""
     return bus.request_head(*bus.parse_request_line(request_line), header_lines)
+
 
 class BadRequestAssertions(unittest.TestCase):
     """Shared assertion: the function raises BadRequest with the given status."""
@@ -272,7 +272,7 @@ class ParseRequestHeadTest(BadRequestAssertions):
 
     def test_a_normal_head(self):
         head = parse_head("GET /update/x.tar.bz2?y=1 HTTP/1.1",
-                                      ["Host: box", "User-Agent: Wget/1.21", "Range: bytes=10-", "X-A: 1", "x-a: 2"])
+                          ["Host: box", "User-Agent: Wget/1.21", "Range: bytes=10-", "X-A: 1", "x-a: 2"])
         self.assertIsInstance(head, bus.RequestHead)
         self.assertEqual(head, bus.RequestHead("GET", "/update/x.tar.bz2?y=1", "HTTP/1.1",
                                                {"host": "box", "user-agent": "Wget/1.21", "range": "bytes=10-",

@@ -144,6 +144,24 @@ class ConnectionTest(TempDirTestCase):
         self.assertIn(b"Connection: close", answer)
         self.assertLess(elapsed, 5, "the head deadline is 1 s")
 
+    def test_a_pipelined_head_that_stalls_gets_408_by_the_head_deadline(self):
+        server = self.start_server(request_header_timeout=1, idle_timeout=20)
+        connection = connect(server.port)
+        self.addCleanup(connection.close)
+        # the second head's request line arrives with the first request, then the rest never comes
+        connection.sendall(b"GET /version HTTP/1.1\r\nHost: x\r\n\r\nGET /ls HTTP/1.1\r\nHost: x\r\n")
+        started, received = time.monotonic(), b""
+        connection.settimeout(15)
+        while True:
+            chunk = connection.recv(4096)
+            if not chunk:
+                break
+            received += chunk
+        elapsed = time.monotonic() - started
+        answers = received.split(b"HTTP/1.1 ")[1:]
+        self.assertEqual([int(answer[:3]) for answer in answers], [404, 408], received)
+        self.assertLess(elapsed, 10, "the head deadline is 1 s; idle_timeout is 20 s")
+
     def test_a_request_with_a_body_closes_the_connection_and_says_so(self):
         server = self.start_server()
         raw = raw_exchange(server.port, b"POST /ls HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
@@ -166,6 +184,53 @@ class ConnectionTest(TempDirTestCase):
     def test_one_empty_line_before_a_request_is_ignored(self):
         server = self.start_server()
         self.assertEqual(status_of(raw_exchange(server.port, b"\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")), 200)
+
+
+class ConnectionTableTest(unittest.TestCase):
+    """Admission without a server: the eviction race between the accept thread and a request beginning."""
+
+    class RacingSlot(bus.Slot):
+        """A slot whose handler raises busy at the instant _evict_one marks it evicted."""
+        __slots__ = ()
+
+        @property
+        def evicted(self):
+            return bus.Slot.evicted.__get__(self)
+
+        @evicted.setter
+        def evicted(self, value):
+            bus.Slot.evicted.__set__(self, value)
+            if value:
+                self.busy = True
+
+    def test_a_slot_whose_request_began_during_eviction_is_kept(self):
+        table = bus.ConnectionTable(1, 1)
+        held, peer = socket.socketpair()
+        newcomer, other = socket.socketpair()
+        for connection in (held, peer, newcomer, other):
+            self.addCleanup(connection.close)
+        self.assertIsNone(table.admit(held, "10.0.0.1", False))
+        racing = table.slot_of(held)
+        racing.__class__ = self.RacingSlot
+        racing.served = True                    # an idle keep-alive connection: the first to be evicted
+        self.assertEqual(table.admit(newcomer, "10.0.0.2", False), "full")
+        self.assertFalse(racing.evicted, "the request in progress keeps its slot")
+        self.assertEqual((table.open_count(), table.evicted, table.refused["full"]), (1, 0, 1))
+        peer.setblocking(False)
+        with self.assertRaises(BlockingIOError):    # not shut down: the client sees no end of stream
+            peer.recv(1)
+
+    def test_an_idle_slot_is_evicted_for_a_newcomer(self):
+        table = bus.ConnectionTable(1, 1)
+        held, peer = socket.socketpair()
+        newcomer, other = socket.socketpair()
+        for connection in (held, peer, newcomer, other):
+            self.addCleanup(connection.close)
+        table.admit(held, "10.0.0.1", False)
+        table.slot_of(held).served = True
+        self.assertIsNone(table.admit(newcomer, "10.0.0.2", False))
+        self.assertEqual((table.open_count(), table.evicted), (1, 1))
+        self.assertEqual(peer.recv(1), b"", "the evicted connection was shut down")
 
 
 class IPv6Test(TempDirTestCase):
@@ -234,6 +299,32 @@ class SignalTest(TempDirTestCase):
         self.assertTrue(wait_until(lambda: "received SIGTERM, stopping" in server.log(), 5))
         self.assertEqual(server.stop(signal.SIGINT, timeout=10), 1)
         self.assertIn("received SIGINT again: exiting now", server.log())
+
+    def test_during_the_grace_period_a_kept_connection_gets_one_last_answer(self):
+        path = write_big_update(self.updates)
+        server = self.start_server(verify_updates=False, shutdown_grace=30)
+        kept = connect(server.port)
+        self.addCleanup(kept.close)
+        kept.sendall(b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertNotIn(b"Connection: close", kept.recv(4096))          # kept alive before the signal
+        download = SlowDownload(server.port, path, 0)                     # holds the server in its grace period
+        download.start()
+        self.addCleanup(download.resume.set)
+        self.assertTrue(download.headers_received.wait(10))
+        server.process.send_signal(signal.SIGTERM)
+        self.assertTrue(wait_until(lambda: "received SIGTERM, stopping" in server.log(), 10))
+        kept.sendall(b"GET /version HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        kept.settimeout(10)
+        while True:                        # to the end of the stream: a timeout here fails the test
+            chunk = kept.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+        self.assertEqual(status_of(answer), 200, answer)
+        self.assertIn(b"Connection: close\r\n", answer)
+        download.resume.set()
+        self.assertEqual(server.wait(30), 0)
 
     def test_sighup_rescans_and_never_stops_the_server(self):
         make_update(self.updates, 1700000000)

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import tracemalloc
 import unittest
 
 from support import (ROOT, SERVER, TempDirTestCase, archive_bytes, make_update, publish, python_executable,
@@ -773,10 +774,6 @@ class SshKeygenTests(unittest.TestCase):
         self.assertTrue(self.keygen_accepts(allowed, "ec@example.com", armored))
 
 
-if __name__ == "__main__":
-    unittest.main()
-
-
 @unittest.skipIf(SSH_KEYGEN is None, "ssh-keygen is not installed: signed publication through the server skipped")
 class SignedUpdatesTest(TempDirTestCase):
     """Through the real server, with allowed_signers set: only what a listed key signed offline is offered."""
@@ -1081,3 +1078,34 @@ class ReadmeSigningWorkflowTest(TempDirTestCase):
         finished = self.run_box(server)
         self.assertNotEqual(finished.returncode, 0)
         self.assertNotIn(b"installed", finished.stdout)
+
+
+class SignatureFileBoundTest(TempDirTestCase):
+    """A .sig is bounded before it is read: a huge one costs no memory and is never served."""
+
+    def test_a_huge_sig_is_refused_without_being_read_whole(self):
+        path = os.path.join(self.tmp, "opq-box-update-1.tar.bz2.sig")
+        with open(path, "wb") as signature:
+            signature.truncate(64 << 20)                     # sparse: costs no disk
+        tracemalloc.start()
+        try:
+            with self.assertRaises(sig.SignatureError) as caught:
+                sig.read_signature_file(path, None)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        self.assertIn("larger than 64 KiB", str(caught.exception))
+        self.assertLess(peak, 1 << 20, "read %d bytes of a 64 MB .sig" % peak)
+
+    def test_without_keys_a_sig_over_64_kib_is_not_served(self):
+        path = make_update(self.updates, 1700000000, mtime=time.time() - 60)
+        with open(path + ".sig", "wb") as signature:
+            signature.write(b"x" * (sig.MAX_SIGNATURE_BYTES + 1))
+        server = self.start_server()
+        self.assertEqual(server.get("/version").body, b"1700000000")      # the archive is offered
+        self.assertTrue(wait_until(lambda: "not serving" in server.log(), 10), server.log())
+        self.assertEqual(server.get("/update/%s.sig" % os.path.basename(path)).status, 404)
+
+
+if __name__ == "__main__":
+    unittest.main()
