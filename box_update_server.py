@@ -2447,6 +2447,7 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
     def send_file_body(self, source: int, offset: int, count: int, identity: FileIdentity) -> None:
         """sendfile(2) count bytes, looking between copy_chunk pieces that the file is unchanged.
 
+        (After the last piece there is nothing left to protect: the client has every byte.)
         Cut (DownloadCut, the connection closes) when the file changes, or when over a
         window of idle_timeout the client takes fewer than min_send_rate bytes a second:
         a slow download is never cut, a stalled one is.  bytes_sent counts what left.
@@ -2465,7 +2466,7 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
                 if done == 0:
                     raise DownloadCut("the file changed")       # it ends before the size it had
                 sent += done or 0
-                if sent == count or sent - checked_up_to >= self.copy_chunk:
+                if sent < count and sent - checked_up_to >= self.copy_chunk:     # more to come: still the same?
                     if FileIdentity.from_stat(os.fstat(source)) != identity:
                         raise DownloadCut("the file changed")
                     checked_up_to = sent
