@@ -2765,6 +2765,8 @@ class BoxUpdateServer(http.server.ThreadingHTTPServer):
     """One thread per connection, admitted by the ConnectionTable; a graceful stop."""
 
     daemon_threads = True
+    # stop() waits for requests itself; ThreadingMixIn's list of threads would cost O(threads) per accept.
+    block_on_close = False
     request_queue_size = 1024
 
     def __init__(self, settings: Settings, catalog: Catalog,
@@ -2781,8 +2783,9 @@ class BoxUpdateServer(http.server.ThreadingHTTPServer):
         super().__init__((settings.host, settings.port), handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        client = str(parse_address(client_address[0]) or client_address[0])
-        trusted = in_networks(parse_address(client), self.settings.trusted_proxies)
+        address = parse_address(client_address[0])
+        client = str(address or client_address[0])
+        trusted = in_networks(address, self.settings.trusted_proxies)
         refusal = self.connections.admit(request, client, trusted)
         if refusal is None:
             try:
