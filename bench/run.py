@@ -127,7 +127,7 @@ def targets(options):
         ("access log", "access log: one line per request, in today's format"),
         ("1 MiB sendfile", "1 MiB downloads at %d connections >= 0.9 x the sendfile stub"
          % options.download_connections),
-        ("1 MiB nginx", "1 MiB downloads at %d connections: this server / nginx >= 0.95 x the same for HEAD"
+        ("1 MiB nginx", "1 MiB downloads at %d connections: this server / nginx >= 0.95 x the same for --baseline-rev"
          % options.download_connections),
         ("fleet burst", "%d boxes at once, one connection and one `/latest` each: no request past 2 s, no errors"
          % options.fleet),
@@ -776,12 +776,12 @@ def measure_fleet_downloads(report, contenders, size, options, stub, head=None):
                    slowest_take_up(runs[name]) if threaded[name] else "-"]
                   for name in names],
                  "The sendfile stub answers every GET with the file, opened once; nginx runs one worker process "
-                 "with sendfile and tcp_nopush on; HEAD is this server as last committed (git), for the "
-                 "comparison with today.")
+                 "with sendfile and tcp_nopush on; the last row is this server as committed at --baseline-rev "
+                 "(git), for the comparison with it.")
     report.judge("1 MiB sendfile", "%.2f" % ratio(rps[ours], rps[stub.name]), rps[ours] >= 0.9 * rps[stub.name])
     if "nginx" in rps and head:
         now, then = ratio(rps[ours], rps["nginx"]), ratio(rps[head.name], rps["nginx"])
-        report.judge("1 MiB nginx", "%.2f (HEAD: %.2f)" % (now, then), now >= 0.95 * then)
+        report.judge("1 MiB nginx", "%.2f (baseline: %.2f)" % (now, then), now >= 0.95 * then)
     else:
         report.skip("1 MiB nginx", "no nginx" if "nginx" not in rps else "no server at HEAD")
 
