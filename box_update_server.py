@@ -2792,15 +2792,13 @@ class BoxUpdateServer(http.server.ThreadingHTTPServer):
                 super().process_request(request, client_address)
                 return
             except RuntimeError:  # no thread could be started
-                self.connections.release(request)
                 refusal = "full"
         self.refuse(request, refusal)
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.connections.release(request)
+    def shutdown_request(self, request: Any) -> None:
+        """Free the connection's slot, then close it: a client that sees the close may connect again at once."""
+        self.connections.release(request)
+        super().shutdown_request(request)
 
     def refuse(self, request: socket.socket, reason: str) -> None:
         """Answer 503 without a thread: a fresh socket's send buffer takes it at once."""

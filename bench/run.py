@@ -327,7 +327,7 @@ class Process:
     def cpu_seconds(self):
         """User and system CPU time used so far by the process and its children (nginx's worker)."""
         used = 0
-        for pid in [self.process.pid] + children(self.process.pid):
+        for pid in [self.process.pid] + support.child_pids(self.process.pid):
             try:
                 with open("/proc/%d/stat" % pid) as stat:
                     fields = stat.read().rsplit(")", 1)[1].split()
@@ -350,20 +350,6 @@ class Process:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-
-
-def children(pid):
-    """The processes whose parent is pid."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open("/proc/%s/stat" % entry) as stat:
-                    if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        found.append(int(entry))
-            except OSError:
-                pass
-    return found
 
 
 def start_box_server(name, folder, log=None, command=None, verify=True, **settings):

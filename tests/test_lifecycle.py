@@ -78,14 +78,23 @@ class ConnectionTest(TempDirTestCase):
             download.join(30)
         self.assertTrue(wait_until(lambda: server.get("/").status == 200, 5))
 
+    @staticmethod
+    def answered_connection(port):
+        """A keep-alive connection answered once (refused while an earlier slot is still released: tried again)."""
+        for _ in range(20):
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            connection.request("GET", "/ls")
+            answer = connection.getresponse()
+            answer.read()
+            if answer.status == 200:
+                return connection
+            connection.close()
+            time.sleep(0.2)
+        raise AssertionError("the server kept refusing connections below its limit")
+
     def test_an_idle_keep_alive_connection_gives_its_slot_up_when_the_server_is_full(self):
         server = self.start_server(max_connections=3, max_connections_per_client=3)
-        kept = []
-        for _ in range(3):
-            connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
-            connection.request("GET", "/ls")
-            connection.getresponse().read()
-            kept.append(connection)
+        kept = [self.answered_connection(server.port) for _ in range(3)]
         self.addCleanup(lambda: [connection.close() for connection in kept])
         answer = request(server.port, "GET", "/", source="127.0.0.2")
         self.assertEqual(answer.status, 200)
@@ -107,6 +116,12 @@ class ConnectionTest(TempDirTestCase):
             time.sleep(bus.ConnectionTable.EVICT_AFTER)
             raw = raw_exchange(server.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", source="127.0.0.2")
         self.assertEqual(status_of(raw), 200, raw)
+
+    def test_a_slot_is_free_once_the_server_has_closed_its_connection(self):
+        server = self.start_server(max_connections_per_client=1)
+        closing = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        statuses = [status_of(raw_exchange(server.port, closing)) for _ in range(300)]
+        self.assertEqual(statuses, [200] * 300, "a client that saw the close may connect again at once")
 
     def test_one_address_holds_at_most_its_share(self):
         server = self.start_server(max_connections=20, max_connections_per_client=3,
@@ -203,12 +218,17 @@ class ConnectionTableTest(unittest.TestCase):
             if value:
                 self.busy = True
 
-    def test_a_slot_whose_request_began_during_eviction_is_kept(self):
-        table = bus.ConnectionTable(1, 1)
+    def connections(self):
+        """A held connection, its client's end, and a newcomer: socket pairs closed after the test."""
         held, peer = socket.socketpair()
         newcomer, other = socket.socketpair()
         for connection in (held, peer, newcomer, other):
             self.addCleanup(connection.close)
+        return held, peer, newcomer
+
+    def test_a_slot_whose_request_began_during_eviction_is_kept(self):
+        table = bus.ConnectionTable(1, 1)
+        held, peer, newcomer = self.connections()
         self.assertIsNone(table.admit(held, "10.0.0.1", False))
         racing = table.slot_of(held)
         racing.__class__ = self.RacingSlot
@@ -222,10 +242,7 @@ class ConnectionTableTest(unittest.TestCase):
 
     def test_an_idle_slot_is_evicted_for_a_newcomer(self):
         table = bus.ConnectionTable(1, 1)
-        held, peer = socket.socketpair()
-        newcomer, other = socket.socketpair()
-        for connection in (held, peer, newcomer, other):
-            self.addCleanup(connection.close)
+        held, peer, newcomer = self.connections()
         table.admit(held, "10.0.0.1", False)
         table.slot_of(held).served = True
         self.assertIsNone(table.admit(newcomer, "10.0.0.2", False))
