@@ -971,7 +971,7 @@ class SignedUpdatesTest(TempDirTestCase):
         self.write_allowed("ops@example.org %s\n" % self.keys["ed25519"][1])     # the RSA key revoked
         server.process.send_signal(signal.SIGHUP)
         self.assertTrue(wait_until(lambda: server.get("/version").body == b"1700000001", 10), server.log())
-        self.assertIn("read 1 key(s)", server.log())
+        self.assertTrue(wait_until(lambda: "read 1 key(s)" in server.log(), 10), server.log())
         self.write_allowed("ops@example.org broken-key-type AAAA\n")             # a broken file keeps the keys
         server.process.send_signal(signal.SIGHUP)
         self.assertTrue(wait_until(lambda: "the keys read before stay in use" in server.log(), 10))
