@@ -1380,6 +1380,10 @@ class CheckQueue:
             return candidate
         return None
 
+    def waiting(self) -> bool:
+        """Whether candidates wait in the queue (some may turn out to need no work)."""
+        return bool(self._heap)
+
     def settling(self) -> bool:
         """Whether a candidate waits for its file to stop changing (so the checker looks again soon)."""
         return bool(self._settling)
@@ -1397,6 +1401,8 @@ class Catalog:
     """
 
     MIN_PUBLISH_INTERVAL = 0.25
+    SLOW_CHECK_SECONDS = 1.0    # a check taking longer gets a checker started beside it ...
+    MAX_CHECKERS = 4            # ... up to this many, so no single file holds the others back
 
     def __init__(self, updates_dir: str, verify: bool = True,
                  signers: Optional[Sequence[AllowedSigner]] = None) -> None:
@@ -1415,6 +1421,8 @@ class Catalog:
         self._published_at = 0.0
         self._unpublished = False
         self._offer_changed = False
+        self._checking: Dict[int, float] = {}     # checker thread id: when its current check began
+        self._checkers = 0
 
     @property
     def signers(self) -> Optional[Sequence[AllowedSigner]]:
@@ -1426,8 +1434,9 @@ class Catalog:
         self.scan()
         with self._lock:
             self._publish()     # even an empty folder: the snapshot says when it was first seen
-        for target, name in ((self._watch_loop, "catalog-watcher"), (self._check_loop, "catalog-checker")):
-            threading.Thread(target=target, name=name, daemon=True).start()
+        threading.Thread(target=self._watch_loop, name="catalog-watcher", daemon=True).start()
+        with self._lock:
+            self._start_checker()
 
     def stop(self) -> None:
         """Let the background threads end."""
@@ -1473,6 +1482,9 @@ class Catalog:
                 self.scan()
             except Exception:  # pylint: disable=broad-except
                 logger.exception("watching %s failed", self.updates_dir)
+            with self._lock:
+                if self._all_checkers_slow():
+                    self._start_checker()
         self.watcher.close()
 
     def scan(self) -> None:
@@ -1508,10 +1520,30 @@ class Catalog:
 
     # The checker -----------------------------------------------------------
 
+    def _start_checker(self) -> None:
+        """One more checker thread; called with the lock held."""
+        self._checkers += 1
+        threading.Thread(target=self._check_loop, name="catalog-checker-%d" % self._checkers, daemon=True).start()
+
+    def _all_checkers_slow(self) -> bool:
+        """Every checker has spent SLOW_CHECK_SECONDS on one file (an archive bomb, a huge update) while
+        others wait, and there is room for one more; called with the lock held."""
+        began_before = time.monotonic() - self.SLOW_CHECK_SECONDS
+        return (len(self._checking) == self._checkers < self.MAX_CHECKERS and self._queue.waiting()
+                and all(began < began_before for began in self._checking.values()))
+
     def _check_loop(self) -> None:
-        """Work through the candidates newest first, publishing as verdicts come in."""
+        """Work through the candidates newest first, publishing as verdicts come in.
+
+        The first checker runs as long as the catalog; one started beside a slow check ends
+        when it finds the checkers outnumber the slow checks.
+        """
+        me = threading.get_ident()
         while not self._stopping.is_set():
             with self._lock:
+                if self._checkers > 1 and len(self._checking) < self._checkers - 1:
+                    self._checkers -= 1
+                    return          # the slow check it stood in for is over
                 candidate = self._queue.pop(self._is_current, self.keys)
                 if candidate is None:
                     if self._unpublished:
@@ -1519,15 +1551,15 @@ class Catalog:
                     self._lock.wait(self.watcher.POLL_SECONDS if self._queue.settling() else None)
                     continue
                 keys = self.keys
-            started = time.monotonic()
+                self._checking[me] = started = time.monotonic()
             try:
                 found = self._check(candidate, keys)
-            except Exception:  # pylint: disable=broad-except
+            except Exception as error:  # pylint: disable=broad-except
                 logger.exception("checking %s failed", candidate.name)
-                continue
-            finally:
-                self.checking_seconds += time.monotonic() - started
+                found = (None, ArchiveVerdict("could not be checked: %s" % error, None), None)    # fails closed
             with self._lock:
+                del self._checking[me]
+                self.checking_seconds += time.monotonic() - started
                 if not self._is_current(candidate):
                     continue
                 if found is None:       # it changed while being checked: the watcher brings the new version

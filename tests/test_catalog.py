@@ -365,5 +365,59 @@ class JudgeTest(unittest.TestCase):
                                  (state, reason))
 
 
+class SlowChecksTest(TempDirTestCase):
+    """No single file holds the others back: a check that takes long gets another checker beside it."""
+
+    def test_a_new_update_is_offered_while_a_slow_file_is_being_checked(self):
+        make_update(self.updates, 9, mtime=time.time() - 60)
+        release = threading.Event()
+        self.addCleanup(release.set)
+        real_check = bus.check_update_archive
+
+        def check(fileobj, digits, *args, **kwargs):
+            if digits == "9":
+                release.wait(60)       # a bomb, or a huge archive
+            return real_check(fileobj, digits, *args, **kwargs)
+
+        with mock.patch.object(bus, "check_update_archive", check):
+            catalog = bus.Catalog(self.updates)
+            catalog.start()
+            self.addCleanup(catalog.stop)
+            time.sleep(0.2)
+            make_update(self.updates, 5, mtime=time.time() - 60)
+            self.assertTrue(wait_until(lambda: catalog.snapshot.latest is not None, 5))
+            self.assertEqual(catalog.snapshot.latest.version, 5)
+            release.set()
+            self.assertTrue(wait_until(lambda: catalog.snapshot.latest.version == 9, 10))
+
+    def test_a_check_that_fails_unexpectedly_rejects_the_file(self):
+        make_update(self.updates, 9, mtime=time.time() - 60)
+        with mock.patch.object(bus, "check_update_archive", side_effect=RuntimeError("a bug")):
+            with self.assertLogs(bus.logger, "ERROR"):
+                catalog = bus.Catalog(self.updates)
+                catalog.start()
+                self.addCleanup(catalog.stop)
+                self.assertTrue(wait_until(lambda: catalog.snapshot.rejected == 1, 5))
+        self.assertEqual(catalog.snapshot.waiting, 0)
+
+
+class StartUpTest(TempDirTestCase):
+
+    def test_thousands_of_rejected_newer_files_do_not_delay_the_newest_good_update(self):
+        make_update(self.updates, 1000, mtime=time.time() - 60)
+        for version in range(2000, 8000):
+            publish(os.path.join(self.updates, "opq-box-update-%d.tar.bz2" % version), b"BZh9" + os.urandom(200),
+                    mtime=time.time() - 60)
+        logging.disable(logging.WARNING)
+        self.addCleanup(logging.disable, logging.NOTSET)
+        started = time.monotonic()
+        catalog = bus.Catalog(self.updates)
+        catalog.start()
+        self.addCleanup(catalog.stop)
+        self.assertTrue(wait_until(lambda: catalog.snapshot.latest is not None, 10))
+        self.assertLess(time.monotonic() - started, 2.0, "6,000 rejected files are checked in linear time")
+        self.assertEqual(catalog.snapshot.latest.version, 1000)
+
+
 if __name__ == "__main__":
     unittest.main()
