@@ -2354,6 +2354,7 @@ class RequestReader(io.RawIOBase):
         self.idle_timeout = idle_timeout
         self.head_timeout = head_timeout
         self.deadline: Optional[float] = None
+        self.head_started: Optional[float] = None    # when the current request's first byte arrived
         self.in_head = False
         self._timeout = idle_timeout
         set_socket_timeout(connection, socket.SO_RCVTIMEO, idle_timeout)
@@ -2372,17 +2373,19 @@ class RequestReader(io.RawIOBase):
         except BlockingIOError:      # SO_RCVTIMEO passed
             raise socket.timeout("no bytes for %g s" % self._timeout) from None
         if received and self.in_head and self.deadline is None:
-            self.deadline = time.monotonic() + self.head_timeout
+            self.head_started = time.monotonic()
+            self.deadline = self.head_started + self.head_timeout
         return received
 
     def await_request(self) -> None:
-        """Between requests: the next byte starts the head deadline."""
-        self.in_head, self.deadline = True, None
+        """Between requests: the next byte starts the head deadline, and the request's clock."""
+        self.in_head, self.deadline, self.head_started = True, None, None
 
     def head_begun(self) -> None:
         """The request line is here (maybe from the buffer, pipelined): the deadline runs from now at the latest."""
         if self.deadline is None:
-            self.deadline = time.monotonic() + self.head_timeout
+            self.head_started = time.monotonic()
+            self.deadline = self.head_started + self.head_timeout
 
     def head_complete(self) -> None:
         """The whole head is here: back to idle_timeout for the reads to come."""
@@ -2396,15 +2399,30 @@ class RequestReader(io.RawIOBase):
 
 
 class DownloadCut(Exception):
-    """A download ended before its last byte: the file changed, or the client stopped reading."""
+    """A download ended before its last byte: the file changed, the client stopped reading or went away,
+    or the server stopped."""
 
 
-def unsent_bytes(connection: socket.socket) -> int:
-    """Bytes the kernel still holds for the client (Linux SIOCOUTQ), 0 where that cannot be asked."""
+SIOCOUTQNSD = 0x894B     # Linux: bytes queued on a socket and not yet sent at all
+
+
+def unsent_bytes(connection: socket.socket, in_flight: bool = True) -> int:
+    """Bytes the kernel still holds for the client: not yet acknowledged (SIOCOUTQ), or with in_flight false
+    not yet sent (SIOCOUTQNSD); 0 where that cannot be asked."""
+    request = termios.TIOCOUTQ if in_flight else SIOCOUTQNSD
     try:
-        return int(struct.unpack("i", fcntl.ioctl(connection.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0])
+        return int(struct.unpack("i", fcntl.ioctl(connection.fileno(), request, b"\0\0\0\0"))[0])
     except (OSError, AttributeError):
         return 0
+
+
+def abort_connection(connection: socket.socket) -> None:
+    """Close with a reset (SO_LINGER 0, as nginx's reset_timedout_connection): nothing queued is sent after,
+    and the kernel frees at once what a stalled client held."""
+    try:
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
 
 
 class Request(NamedTuple):
@@ -2476,6 +2494,7 @@ class ConnectionHandler(http.server.BaseHTTPRequestHandler):
         self.route_label = "other"
         self.download: Optional[Tuple[str, bool]] = None
         self.ranged = False
+        self.cut: Optional[str] = None
         try:
             head = self.read_request_head()
             if head is None:
@@ -2497,7 +2516,11 @@ class ConnectionHandler(http.server.BaseHTTPRequestHandler):
             if self.reader.deadline is not None:     # a head began but did not arrive in time
                 self.answer_error(408, "Request timeout.")
             self.close_connection = True
-        except (ConnectionError, BlockingIOError, DownloadCut):   # BlockingIOError: SO_SNDTIMEO passed
+        except DownloadCut as cut:
+            self.cut = str(cut)
+            self.close_connection = True
+            abort_connection(self.connection)
+        except (ConnectionError, BlockingIOError):   # BlockingIOError: SO_SNDTIMEO passed
             self.close_connection = True
         except Exception:  # pylint: disable=broad-except
             logger.exception("error while answering %s", escape_for_log(self.requestline))
@@ -2570,9 +2593,10 @@ class ConnectionHandler(http.server.BaseHTTPRequestHandler):
         """sendfile(2) the body, looking between copy_chunk pieces that the file is unchanged.
 
         (After the last piece there is nothing left to protect: the client has every byte.)
-        Cut (DownloadCut, the connection closes) when the file changes, or when over a
-        window of idle_timeout the client takes fewer than min_send_rate bytes a second:
-        a slow download is never cut, a stalled one is.  bytes_sent counts what left.
+        Cut (DownloadCut: the connection is reset) when the file changes, the client goes,
+        the server stops, or when over a window of idle_timeout the client takes fewer than
+        min_send_rate bytes a second: a slow download is never cut, a stalled one is.
+        bytes_sent counts what left for the client, never less than it received.
         """
         target, source, count = self.connection.fileno(), body.descriptor, body.length
         idle_timeout = self.context.idle_timeout
@@ -2585,6 +2609,9 @@ class ConnectionHandler(http.server.BaseHTTPRequestHandler):
                     done: Optional[int] = os.sendfile(target, source, body.first + sent, piece)
                 except BlockingIOError:
                     done = None         # nothing went out for idle_timeout
+                except OSError as error:
+                    raise DownloadCut("the server stopped" if self.context.stopping()
+                                      else "the client went away (%s)" % (error.strerror or error)) from None
                 if done == 0:
                     raise DownloadCut("the file changed")       # it ends before the size it had
                 sent += done or 0
@@ -2600,11 +2627,11 @@ class ConnectionHandler(http.server.BaseHTTPRequestHandler):
                                           % (delivered - window_sent, now - window_start))
                     window_start, window_sent = now, delivered
         except DownloadCut as cut:
-            logger.warning("%s: download of %s cut after %d of %d bytes: %s", self.client,
-                           escape_for_log(self.path), sent, count, cut)
-            raise
-        finally:   # what reached the client: a cut connection drops what the kernel still holds
-            self.bytes_sent += sent if sent == count else max(0, sent - unsent_bytes(self.connection))
+            # Reset right after this: what is not sent yet never will be, what is in flight may arrive.
+            sent -= unsent_bytes(self.connection, in_flight=False)
+            raise DownloadCut("cut after %d of %d bytes: %s" % (sent, count, cut)) from None
+        finally:
+            self.bytes_sent += sent
 
     def end_headers(self) -> None:
         """Say when the connection ends after this answer, and keep-alive to an HTTP/1.0 client that asked."""
@@ -2637,15 +2664,19 @@ class ConnectionHandler(http.server.BaseHTTPRequestHandler):
         self.status = int(code)
 
     def log_access(self) -> None:
-        """client "METHOD path" status body-bytes duration, and the same request counted in the metrics."""
-        seconds = time.monotonic() - self.started
+        """client "METHOD path" status body-bytes duration [cut ...], and the same request in the metrics.
+
+        The duration runs from the head's first byte to the answer's last, not from the wait before it.
+        """
+        seconds = time.monotonic() - (self.reader.head_started or self.started)
         if self.command:
             request = "%s %s" % (self.command, self.path)
         else:
             request = self.raw_requestline.rstrip(b"\r\n").decode("latin-1")
         status = self.status or 0
-        self.context.access_log.write('%s "%s" %d %d %.1fms'
-                                      % (self.client, escape_for_log(request), status, self.bytes_sent, seconds * 1000))
+        self.context.access_log.write('%s "%s" %d %d %.1fms%s' % (
+            self.client, escape_for_log(request), status, self.bytes_sent, seconds * 1000,
+            " " + self.cut if self.cut else ""))
         self.context.metrics.count(self.route_label, status, self.bytes_sent, seconds, self.download, self.ranged)
 
 
@@ -2930,6 +2961,16 @@ class ConnectionTable:
                 return busy
             time.sleep(0.05)
 
+    def cut_requests(self) -> None:
+        """Shut the connections of the requests still being answered: their threads log what they sent."""
+        with self._lock:
+            busy = [slot.connection for slot in self._slots.values() if slot.busy]
+        for connection in busy:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
 
 class AccessLog:
     """One line per request, formatted as the logging lines are (asctime LEVEL message).
@@ -3005,21 +3046,25 @@ class BoxUpdateServer(http.server.ThreadingHTTPServer):
                 return
             except RuntimeError:  # no thread could be started
                 refusal = "full"
-        self.refuse(request, refusal)
+        self.refuse(request, refusal, client)
 
     def shutdown_request(self, request: Any) -> None:
         """Free the connection's slot, then close it: a client that sees the close may connect again at once."""
         self.connections.release(request)
         super().shutdown_request(request)
 
-    def refuse(self, request: socket.socket, reason: str) -> None:
-        """Answer 503 without a thread: a fresh socket's send buffer takes it at once."""
+    def refuse(self, request: socket.socket, reason: str, client: str) -> None:
+        """Answer 503 without a thread (a fresh socket's send buffer takes it at once), and log it."""
+        answer, sent = REFUSALS[reason], 0
         try:
             request.setblocking(False)
-            request.send(REFUSALS[reason])
+            sent = request.send(answer)
         except OSError:
             pass
         self.shutdown_request(request)
+        self.context.access_log.write('%s "-" 503 %d 0.0ms refused: %s' % (
+            client, max(0, sent - answer.index(b"\r\n\r\n") - 4),
+            "the server is full" if reason == "full" else "too many connections from this client"))
 
     def stop(self, grace: float) -> None:
         """Stop accepting, give in-flight requests up to grace seconds, then return."""
@@ -3028,7 +3073,9 @@ class BoxUpdateServer(http.server.ThreadingHTTPServer):
         self.server_close()
         left = self.connections.wait_for_requests(grace)
         if left:
-            logger.warning("%d request(s) still in flight after %.1f s; exiting anyway", left, grace)
+            logger.warning("%d request(s) still in flight after %.1f s; cutting them", left, grace)
+            self.connections.cut_requests()
+            self.connections.wait_for_requests(1.0)     # each logs its access line
 
     def reload(self) -> None:
         """SIGHUP: rescan the folder, and read allowed_signers again."""
