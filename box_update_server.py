@@ -1103,7 +1103,7 @@ STATES = (CHECKING, UNSIGNED, OFFERED, REJECTED)
 class Candidate:
     """A correctly named regular file in the updates folder, its .sig if any, and what is known of them."""
     __slots__ = ("name", "digits", "version", "identity", "signature_identity", "digests", "archive", "signature",
-                 "state", "reason")
+                 "state", "reason", "recheck_after")
 
     def __init__(self, name: str, digits: str, identity: FileIdentity,
                  signature_identity: Optional[FileIdentity]) -> None:
@@ -1117,6 +1117,7 @@ class Candidate:
         self.signature: Optional[SignatureVerdict] = None  # the .sig's verdict, once it was read
         self.state = CHECKING
         self.reason: Optional[str] = None
+        self.recheck_after = 0.0     # time.time() before which the checker leaves it (a file still changing)
 
     def needs_work(self, keys: Keys) -> bool:
         """Whether the checker has something to do: judge it, or (offered) hash it or read its .sig to serve."""
@@ -1144,8 +1145,8 @@ def judge(candidate: Candidate, verify: bool, keys: Keys) -> Tuple[str, Optional
             return CHECKING, None
         if signature.problem:
             return REJECTED, signature.problem
-    if archive is None and verify:
-        return CHECKING, None
+    if archive is None and (verify or candidate.digests is None):
+        return CHECKING, None       # verify_updates false: offered once hashed, so once it stopped changing
     return OFFERED, None
 
 
@@ -1173,6 +1174,7 @@ class Snapshot(NamedTuple):
     signatures_required: bool
     changed_at: float               # when the folder last changed (time.time())
     keys_problem: Optional[str] = None      # why allowed_signers cannot be used: nothing signed is offered
+    first_look_done: bool = True            # false until every file present at start has been judged
 
     @property
     def latest(self) -> Optional[Update]:
@@ -1180,7 +1182,7 @@ class Snapshot(NamedTuple):
         return self.updates[-1] if self.updates else None
 
 
-EMPTY_SNAPSHOT = Snapshot((), {}, b"", None, 0, 0, 0, False, 0.0)
+EMPTY_SNAPSHOT = Snapshot((), {}, b"", None, 0, 0, 0, False, 0.0, first_look_done=False)
 
 
 def resolve_update(snapshot: Snapshot, encoded_name: str) -> Optional[Update]:
@@ -1374,7 +1376,8 @@ class CheckQueue:
             candidate = heapq.heappop(self._heap)[3]
             if not is_current(candidate) or not candidate.needs_work(keys):
                 continue
-            if candidate.digests is None and candidate.identity.mtime_ns > settled_before:
+            if candidate.digests is None and (candidate.identity.mtime_ns > settled_before
+                                              or candidate.recheck_after > time.time()):
                 self._settling.append(candidate)
                 continue
             return candidate
@@ -1403,6 +1406,8 @@ class Catalog:
     MIN_PUBLISH_INTERVAL = 0.25
     SLOW_CHECK_SECONDS = 1.0    # a check taking longer gets a checker started beside it ...
     MAX_CHECKERS = 4            # ... up to this many, so no single file holds the others back
+    QUIET_SECONDS = 5.0         # a file modified this recently is still being copied in: not rejected yet
+    FIRST_LOOK_SECONDS = 2.0    # the start-up summary is logged by then at the latest
 
     def __init__(self, updates_dir: str, verify: bool = True,
                  signers: Optional[Sequence[AllowedSigner]] = None) -> None:
@@ -1422,6 +1427,8 @@ class Catalog:
         self._unpublished = False
         self._offer_changed = False
         self._checking: Dict[int, float] = {}     # checker thread id: when its current check began
+        self._first_look_done = False
+        self._started = time.monotonic()
         self._checkers = 0
 
     @property
@@ -1485,6 +1492,8 @@ class Catalog:
             with self._lock:
                 if self._all_checkers_slow():
                     self._start_checker()
+                if not self._first_look_done and time.monotonic() - self._started >= self.FIRST_LOOK_SECONDS:
+                    self._end_first_look()
         self.watcher.close()
 
     def scan(self) -> None:
@@ -1493,6 +1502,11 @@ class Catalog:
         changes = self.watcher.poll()
         if not changes and self.watcher.problem == problem_before:
             return
+        if self.watcher.problem != problem_before:
+            if self.watcher.problem:
+                logger.error("%s: nothing is offered until it is back", self.watcher.problem)
+            else:
+                logger.info("updates folder %s is %s", self.updates_dir, "back" if problem_before else "readable")
         with self._lock:
             for archive_name in {name[:-len(SIGNATURE_SUFFIX)] if name.endswith(SIGNATURE_SUFFIX) else name
                                  for name in changes}:
@@ -1546,6 +1560,8 @@ class Catalog:
                     return          # the slow check it stood in for is over
                 candidate = self._queue.pop(self._is_current, self.keys)
                 if candidate is None:
+                    if not self._first_look_done and not self._queue.settling():
+                        self._end_first_look()
                     if self._unpublished:
                         self._publish()
                     self._lock.wait(self.watcher.POLL_SECONDS if self._queue.settling() else None)
@@ -1669,6 +1685,11 @@ class Catalog:
             candidate.signature = signature
         before = (candidate.state, candidate.reason)
         candidate.state, candidate.reason = judge(candidate, self.verify, self.keys)
+        quiet_at = candidate.identity.mtime_ns / 1e9 + self.QUIET_SECONDS
+        if candidate.state == REJECTED and candidate.archive is not None and quiet_at > time.time():
+            # Maybe still being copied in: judged again once it has stopped changing, rejected only then.
+            candidate.archive, candidate.digests, candidate.recheck_after = None, None, quiet_at
+            candidate.state, candidate.reason = CHECKING, None
         if (candidate.state, candidate.reason) != before:
             self._offer_changed |= OFFERED in (before[0], candidate.state)
             self._log_state(candidate)
@@ -1677,19 +1698,52 @@ class Catalog:
         self._unpublished = True
 
     def _log_state(self, candidate: Candidate) -> None:
-        """One line when a candidate reaches a state worth telling an operator."""
+        """One line when a candidate is rejected or waits for its signature (offers are logged as published)."""
         if candidate.state == REJECTED and not self.keys.problem:    # that problem is logged once, not per file
             logger.warning("rejected %s: %s", candidate.name, candidate.reason)
         elif candidate.state == UNSIGNED:
             logger.info("%s waits for its signature %s%s", candidate.name, candidate.name, SIGNATURE_SUFFIX)
-        elif candidate.state == OFFERED and candidate.signature is not None and candidate.signature.signer:
-            logger.info("%s is signed by %s", candidate.name, candidate.signature.signer)
+
+    def _end_first_look(self) -> None:
+        """The start-up summary, once every file present at start is judged (or FIRST_LOOK_SECONDS passed)."""
+        self._first_look_done = True
+        self._publish()
+        snapshot = self.snapshot
+        latest = snapshot.latest
+        logger.info("first look at %s: %d update(s) offered%s; %d rejected, %d waiting for a signature, "
+                    "%d being checked", self.updates_dir, len(snapshot.updates),
+                    ", the newest %s" % latest.name if latest else "", snapshot.rejected, snapshot.unsigned,
+                    snapshot.waiting)
+
+    def _log_offer_changes(self, before: Snapshot, after: Snapshot) -> None:
+        """An update offered or withdrawn (and why), and the newest changing; quiet during the first look."""
+        for update in after.updates:
+            known = before.by_name.get(update.name)
+            if known is None or known.identity != update.identity:
+                logger.info("offered %s: VERSION %d, SHA-256 %s%s", update.name, update.version,
+                            update.sha256.hex() if update.sha256 else "not computed yet",
+                            ", signed by %s" % update.signer if update.signer else "")
+        for update in before.updates:
+            if update.name not in after.by_name:
+                candidate = self._candidates.get(update.name)
+                if candidate is None:
+                    why = "the file is gone" if self.watcher.problem is None else self.watcher.problem
+                elif candidate.identity != update.identity:
+                    why = "the file changed, checking it again"
+                else:
+                    why = candidate.state + (": " + candidate.reason if candidate.reason else "")
+                logger.warning("withdrawn %s: %s", update.name, why)
+        newest_before, newest = before.latest, after.latest
+        if (newest_before and newest_before.name) != (newest and newest.name):
+            logger.info("the newest update is now %s%s", newest.name if newest else "none",
+                        " (was %s)" % newest_before.name if newest_before else "")
 
     # Publishing --------------------------------------------------------------
 
     def _publish(self) -> None:
         """Replace the snapshot; called with the lock held."""
         started = time.monotonic()
+        before = self.snapshot
         counts = dict.fromkeys(STATES, 0)
         offered, unchecked = [], 0
         for candidate in self._candidates.values():
@@ -1710,8 +1764,11 @@ class Catalog:
             unsigned=counts[UNSIGNED],
             signatures_required=self.keys.required,
             keys_problem=self.keys.problem,
+            first_look_done=self._first_look_done,
             changed_at=self._changed_at,
         )
+        if self._first_look_done and before.first_look_done:
+            self._log_offer_changes(before, self.snapshot)
         self._published_at = time.monotonic()
         self._unpublished = self._offer_changed = False
         self.publish_interval = max(self.MIN_PUBLISH_INTERVAL, 10 * (self._published_at - started))
@@ -2731,6 +2788,8 @@ class UpdateRoutes:
         health: Dict[str, object] = {"name": "Box Update Server", "ok": not (snapshot.problem or snapshot.keys_problem),
                                      "timestamp": int(time.time()), "subcomponents": []}
         notes = [problem for problem in (snapshot.problem, snapshot.keys_problem) if problem]
+        if not snapshot.first_look_done:
+            notes.append("checking the updates folder")
         if snapshot.signatures_required:
             notes.append("signatures required")
         if snapshot.rejected:
@@ -2750,16 +2809,18 @@ class UpdateRoutes:
 
     def latest(self) -> Answer:
         """303 to the newest update, relative so it also works under a proxy's path prefix."""
-        latest = self.catalog.snapshot.latest
+        snapshot = self.catalog.snapshot
+        latest = snapshot.latest
         if latest is None:
-            return text_answer(404, NOT_FOUND, "/latest")
+            return text_answer(404, NOT_FOUND, "/latest") if snapshot.first_look_done else not_yet_answer("/latest")
         return Answer(303, "/latest", fields=(("Location", "update/" + latest.name),))
 
     def version(self, request: Request) -> Answer:
         """/version: the newest VERSION as text."""
-        latest = self.catalog.snapshot.latest
+        snapshot = self.catalog.snapshot
+        latest = snapshot.latest
         if latest is None:
-            return text_answer(404, NO_UPDATES, "/version")
+            return text_answer(404, NO_UPDATES, "/version") if snapshot.first_look_done else not_yet_answer("/version")
         return cacheable_answer(request.headers, str(latest.version).encode("ascii"), "text/plain", CACHE_REVALIDATE,
                                 "/version")
 
@@ -2809,6 +2870,11 @@ class UpdateRoutes:
         finally:
             if answer is None or answer.file is None:     # otherwise the protocol layer closes it once sent
                 os.close(descriptor)
+
+
+def not_yet_answer(route: str) -> Answer:
+    """Nothing is offered yet because the first look at the folder is under way: ask again, not "none"."""
+    return text_answer(503, "Checking the updates folder; ask again shortly.", route, (("Retry-After", "1"),))
 
 
 def download_answer(request: Request, update: Update, identity: FileIdentity, descriptor: int) -> Answer:
@@ -3192,13 +3258,17 @@ def serve(server: BoxUpdateServer) -> int:
     A second SIGTERM or SIGINT during the grace period exits at once with status 1;
     SIGHUP reloads (see BoxUpdateServer.reload) and never stops the server.
     """
+    first_signal: List[str] = []
+
     def request_stop(signum: int, _frame: Optional[types.FrameType]) -> None:
         name = signal.Signals(signum).name
         if server.stopping:
-            logger.warning("received %s again: exiting now, cutting the requests in flight", name)
+            logger.warning("received %s during the graceful stop %s began: exiting now, cutting the requests "
+                           "in flight", name, first_signal[0] if first_signal else "a stop")
             logging.shutdown()
             os._exit(1)  # pylint: disable=protected-access
         server.stopping = True
+        first_signal.append(name)
         logger.info("received %s, stopping", name)
         threading.Thread(target=server.shutdown, daemon=True).start()
 
@@ -3215,6 +3285,8 @@ def serve(server: BoxUpdateServer) -> int:
                 str(server.settings.verify_updates).lower(),
                 "required by %s" % server.settings.allowed_signers if server.settings.allowed_signers
                 else "not required")
+    if not server.settings.verify_updates:
+        logger.warning("verify_updates is false: archives are not checked before they are offered")
     server.serve_forever()
     server.stop(server.settings.shutdown_grace)
     server.catalog.stop()

@@ -337,6 +337,7 @@ class JudgeTest(unittest.TestCase):
         candidate = bus.Candidate("opq-box-update-7.tar.bz2", "7", self.IDENTITY,
                                   self.IDENTITY if sig_file else None)
         candidate.archive, candidate.signature = archive, signature
+        candidate.digests = archive.digests if archive else (self.DIGESTS if signature else None)
         return candidate
 
     def test_table(self):
@@ -346,7 +347,8 @@ class JudgeTest(unittest.TestCase):
         forged = bus.SignatureVerdict("signature: no listed key made this signature", None, None, 3)
         cases = [   # sig file, archive, signature, verify, keys -> state, reason
             (False, None, None, True, NO_KEYS, bus.CHECKING, None),
-            (False, None, None, False, NO_KEYS, bus.OFFERED, None),
+            (False, None, None, False, NO_KEYS, bus.CHECKING, None),       # not hashed yet: maybe still copied in
+            (False, bus.ArchiveVerdict(None, self.DIGESTS), None, False, NO_KEYS, bus.OFFERED, None),
             (False, good, None, True, NO_KEYS, bus.OFFERED, None),
             (False, bad, None, True, NO_KEYS, bus.REJECTED, "truncated"),
             (True, good, forged, True, NO_KEYS, bus.OFFERED, None),        # keys not required: the .sig is not judged
