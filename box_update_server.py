@@ -2123,6 +2123,8 @@ def set_socket_timeout(connection: socket.socket, option: int, seconds: float) -
     twice instead of four times (which matters with a thousand connections).
     """
     whole = int(seconds)
+    # A zero timeval means "no timeout": RequestReader's head deadline passes what remains of it, which can be
+    # under a microsecond, so the clamp to 1 is what ends such a read (tests: SocketTimeoutTest).
     micro = max(1, int((seconds - whole) * 1e6)) if seconds < 1 else int((seconds - whole) * 1e6)
     connection.setsockopt(socket.SOL_SOCKET, option, struct.pack("ll", whole, micro))
 

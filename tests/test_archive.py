@@ -2,12 +2,14 @@
 
 import base64
 import bz2
+import errno
 import hashlib
 import io
 import os
 import shutil
 import subprocess
 import tarfile
+import threading
 import tracemalloc
 import unittest
 
@@ -395,6 +397,49 @@ class VerifiedPublicationTest(TempDirTestCase):
                          str(2 << 30))
         self.assertEqual(server.get("/update/%s.sha256" % os.path.basename(big)).status, 503, "hashed already?")
         self.assertIn("waiting to be checked", server.health()["info"])
+
+
+class OpenRegularTest(TempDirTestCase):
+    """open_regular, on its own: the catalog's check and every download open files through it."""
+
+    def attempt(self, path):
+        """What open_regular did with path, from a thread: a hang (no O_NONBLOCK) fails instead of stalling."""
+        outcome = []
+
+        def opening():
+            try:
+                descriptor, status = bus.open_regular(path)
+                os.close(descriptor)
+                outcome.append("regular, %d bytes" % status.st_size)
+            except OSError as error:
+                outcome.append(error.strerror)
+        worker = threading.Thread(target=opening, daemon=True)
+        worker.start()
+        worker.join(10)
+        return outcome[0] if outcome else "still waiting after 10 s"
+
+    def test_only_a_regular_file_is_opened_and_nothing_is_waited_on(self):
+        regular = os.path.join(self.tmp, "regular")
+        with open(regular, "wb") as out:
+            out.write(b"1234")
+        fifo, link, folder = (os.path.join(self.tmp, name) for name in ("fifo", "link", "folder"))
+        os.mkfifo(fifo)
+        self.addCleanup(self.release_fifo, fifo)
+        os.symlink(regular, link)
+        os.mkdir(folder)
+        cases = [(regular, "regular, 4 bytes"), (fifo, "not a regular file"), (folder, "not a regular file"),
+                 ("/dev/null", "not a regular file"), (link, os.strerror(errno.ELOOP))]
+        for path, expected in cases:
+            with self.subTest(path=path):
+                self.assertEqual(self.attempt(path), expected)
+
+    @staticmethod
+    def release_fifo(fifo):
+        """A thread stuck opening the FIFO (the check mutated away) is let go by a writer."""
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
 
 
 if __name__ == "__main__":
