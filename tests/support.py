@@ -263,6 +263,8 @@ class ServerProcess:
     timing: {"FolderWatcher.RACY_SECONDS": 0.5, ...} runs the server with those constants (see QUICK_TIMING).
     """
 
+    START_SECONDS = 30     # for the start line, on a busy machine
+
     def __init__(self, updates_dir, user=None, command=None, timing=None, **settings):
         self.updates_dir = updates_dir
         self.user = user
@@ -298,7 +300,7 @@ class ServerProcess:
                                               stderr=self.log_file))
         try:
             try:
-                self.port = wait_for_listening_port(self.process, self.log)
+                self.port = wait_for_listening_port(self.process, self.log, self.START_SECONDS)
             except AssertionError as error:
                 raise AssertionError("server did not start: %s" % error) from None
             if wait_for_checks and not wait_until(
