@@ -57,6 +57,7 @@ def _print_skip_reasons():
 unittest.TestResult.addSkip = _note_skip
 atexit.register(_print_skip_reasons)
 
+
 # Archives -------------------------------------------------------------------
 
 def file_member(name, data, mode=0o644):

@@ -6,6 +6,7 @@ import errno
 import hashlib
 import io
 import os
+import re
 import shutil
 import subprocess
 import tarfile
@@ -286,6 +287,24 @@ class CheckCommandTest(TempDirTestCase):
         self.assertEqual(status, 0, output)
         with open(path, "rb") as archive:
             self.assertIn("OK        %s  %s" % (hashlib.sha256(archive.read()).hexdigest(), path), output)
+
+    def test_the_readme_build_command_makes_an_archive_that_passes(self):
+        tar = require_binary("tar")
+        with open(os.path.join(ROOT, "README.md")) as readme:
+            command = re.search(r"^tar -C build -cjf .*$", readme.read(), re.M).group(0)
+        version = re.search(r"opq-box-update-(\d+)\.tar\.bz2", command).group(1)
+        top = os.path.join(self.tmp, "build", "opq-box-update-%s" % version)
+        os.makedirs(os.path.join(top, "box-config-daemon"))
+        for name, data, mode in [("VERSION", version + "\n", 0o644), ("install_update.sh", "#!/bin/sh\n", 0o755),
+                                 ("box-config-daemon/daemon.py", "print('running')\n", 0o644)]:
+            with open(os.path.join(top, name), "w") as out:
+                out.write(data)
+            os.chmod(os.path.join(top, name), mode)
+        subprocess.run(["bash", "-c", command.replace("tar ", "exec %s " % tar, 1)], cwd=self.tmp, check=True,
+                       timeout=30)
+        status, output = self.run_check(os.path.join(self.tmp, "opq-box-update-%s.tar.bz2" % version))
+        self.assertEqual(status, 0, output)
+        self.assertTrue(output.startswith("OK "), output)
 
     def test_any_bad_archive_fails_the_command(self):
         good = make_update(self.tmp, 1700000000)
