@@ -121,8 +121,8 @@ def parse_settings(text: Optional[str], cwd: str = ".") -> Tuple[Settings, List[
     unknown = [key for key in sorted(raw) if key not in Settings._fields]
     for key in REQUIRED_KEYS:
         if key not in raw:    # a misspelt key is the likely cause: name the keys that were not understood
-            raise SettingsError("%s has no %r%s" % (SETTINGS_VARIABLE, key, " (unknown: %s)"
-                                                    % ", ".join(map(repr, unknown)) if unknown else ""))
+            hint = " (unknown: %s)" % ", ".join(map(repr, unknown)) if unknown else ""
+            raise SettingsError("%s has no %r%s" % (SETTINGS_VARIABLE, key, hint))
 
     default = Settings(port=0, updates_dir="")
 

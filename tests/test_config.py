@@ -206,7 +206,8 @@ class BadConfigurationTest(TempDirTestCase):
         for settings_text, expected in table[-3:]:
             with self.subTest(settings=settings_text):
                 self.assert_refused(settings_text, expected)
-        record("Configuration faults", "%d bad configurations (unset, empty, not JSON, not an object, keys missing, "
+        record("Configuration faults", "%d bad configurations (unset, empty, not JSON, a file name instead of JSON, "
+               "not an object, keys missing or misspelt, "
                "bad ports, updates folder missing or not a folder, allowed_signers missing or malformed, a proxy "
                "named by host name), plus port in use and an unreadable folder in their own tests" % len(table),
                "each: exit status 1 and one line naming the problem, no traceback")
