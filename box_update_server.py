@@ -114,12 +114,17 @@ def parse_settings(text: Optional[str], cwd: str = ".") -> Tuple[Settings, List[
     try:
         raw = json.loads(text)
     except ValueError as error:
+        if _looks_like_a_path(text):
+            raise SettingsError("%s holds a path, %r, not JSON: it must hold the JSON itself, e.g. %s=$(<%s)"
+                                % (SETTINGS_VARIABLE, text.strip(), SETTINGS_VARIABLE, text.strip())) from None
         raise SettingsError("%s is not valid JSON: %s" % (SETTINGS_VARIABLE, error)) from None
     if not isinstance(raw, dict):
         raise SettingsError("%s must be a JSON object, not %s" % (SETTINGS_VARIABLE, type(raw).__name__))
+    unknown = [key for key in sorted(raw) if key not in Settings._fields]
     for key in REQUIRED_KEYS:
-        if key not in raw:
-            raise SettingsError("%s has no %r" % (SETTINGS_VARIABLE, key))
+        if key not in raw:    # a misspelt key is the likely cause: name the keys that were not understood
+            hint = " (unknown: %s)" % ", ".join(map(repr, unknown)) if unknown else ""
+            raise SettingsError("%s has no %r%s" % (SETTINGS_VARIABLE, key, hint))
 
     default = Settings(port=0, updates_dir="")
 
@@ -142,19 +147,28 @@ def parse_settings(text: Optional[str], cwd: str = ".") -> Tuple[Settings, List[
         verify_updates=optional("verify_updates", _bool_setting, default.verify_updates),
         allowed_signers=optional("allowed_signers", lambda key, value: _path_setting(key, value, cwd), None),
     )
-    known = set(Settings._fields)
-    warnings = ["unknown setting %r is ignored" % key for key in sorted(raw) if key not in known]
+    warnings = ["unknown setting %r is ignored" % key for key in unknown]
     return settings, warnings
 
 
+def _looks_like_a_path(text: str) -> bool:
+    """Not JSON, one word, with a slash or a .json ending: the file's name where its content belongs."""
+    word = text.strip()
+    return not any(character.isspace() for character in word) and not word.startswith(("{", "[", '"')) and (
+        "/" in word or word.endswith(".json"))
+
+
 def _port_setting(key: str, value: object) -> int:
-    """A TCP port: an integer, or a string of digits, from 1 to 65535."""
+    """A TCP port: an integer, or a string of digits, from 0 to 65535.
+
+    0 lets the system pick a free port, which the start line names (as tests do, to race nobody for a port).
+    """
     if isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
         value = int(value.strip())
     if isinstance(value, bool) or not isinstance(value, int):
         raise SettingsError("%s must be an integer, not %r" % (key, value))
-    if not 1 <= value <= 65535:
-        raise SettingsError("%s must be between 1 and 65535, not %d" % (key, value))
+    if not 0 <= value <= 65535:
+        raise SettingsError("%s must be between 0 and 65535, not %d" % (key, value))
     return value
 
 
@@ -2394,6 +2408,8 @@ def set_socket_timeout(connection: socket.socket, option: int, seconds: float) -
     twice instead of four times (which matters with a thousand connections).
     """
     whole = int(seconds)
+    # A zero timeval means "no timeout": RequestReader's head deadline passes what remains of it, which can be
+    # under a microsecond, so the clamp to 1 is what ends such a read (tests: SocketTimeoutTest).
     micro = max(1, int((seconds - whole) * 1e6)) if seconds < 1 else int((seconds - whole) * 1e6)
     connection.setsockopt(socket.SOL_SOCKET, option, struct.pack("ll", whole, micro))
 
@@ -3331,8 +3347,11 @@ def probe_health(settings: Settings) -> int:
 
     The Docker HEALTHCHECK runs this with the Python already in the image.
     """
+    if settings.port == 0:
+        raise SettingsError("health needs the port the server listens on: port 0 lets it pick one at start")
     # a wildcard listening address is reached through loopback
     host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)  # nosec
+    address = "http://%s:%d/" % ("[%s]" % host if ":" in host else host, settings.port)
     connection = http.client.HTTPConnection(host, settings.port, timeout=3)
     try:
         connection.request("GET", "/")
@@ -3340,7 +3359,7 @@ def probe_health(settings: Settings) -> int:
         health = json.loads(answer.read().decode("utf-8"))
         healthy = answer.status == 200 and isinstance(health, dict) and health.get("ok") is True
     except (OSError, ValueError, http.client.HTTPException) as error:
-        print("unhealthy: %s" % error)
+        print("unhealthy: %s: %s" % (address, error))
         return 1
     finally:
         connection.close()
@@ -3353,6 +3372,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="box_update_server.py",
         description="Serve OPQ Box updates. Configured by the JSON in %s." % SETTINGS_VARIABLE)
+    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("serve", help="run the server (the default)")
     commands.add_parser("health", help="exit 0 if the configured server answers ok on /, 1 if not")

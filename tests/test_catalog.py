@@ -9,7 +9,8 @@ import time
 import unittest
 from unittest import mock
 
-from support import TempDirTestCase, make_update, update_members, archive_bytes, publish, wait_until
+from support import (TempDirTestCase, make_update, update_members, archive_bytes, publish, shorten_watcher_timing,
+                     wait_until)
 
 import box_update_server as bus
 
@@ -99,6 +100,7 @@ class CatalogTest(CatalogTestCase):
         make_update(self.updates, 11)
         long_ago = time.time() - 3600
         os.utime(self.updates, (long_ago, long_ago))
+        shorten_watcher_timing(self)
         catalog = self.catalog(verify=False)
         self.assertEqual(len(catalog.snapshot.updates), 1)
         time.sleep(bus.FolderWatcher.RACY_SECONDS)   # the folder's own change (utime) has aged
@@ -223,6 +225,7 @@ class FolderChangesTest(CatalogTestCase):
     """What happens to files in place, where the folder itself does not change."""
 
     def test_an_old_update_truncated_in_place_is_withdrawn(self):
+        shorten_watcher_timing(self)
         path = make_update(self.updates, 1700000000, mtime=time.time() - 60)
         catalog = self.catalog()
         self.assertTrue(wait_until(lambda: len(catalog.snapshot.updates) == 1, 10))
@@ -234,6 +237,7 @@ class FolderChangesTest(CatalogTestCase):
     def test_an_offered_update_truncated_in_place_is_withdrawn_at_once(self):
         for version in range(1700000000, 1700001000):     # the 1,000 updates the 2 s promise is made for
             make_update(self.updates, version, mtime=time.time() - 60)
+        shorten_watcher_timing(self, {"FolderWatcher.RACY_SECONDS": 0.5})   # the poll and re-stat rate as shipped
         catalog = self.catalog()
         self.assertTrue(wait_until(lambda: len(catalog.snapshot.updates) == 1000, 60))
         # nothing is left in the watcher's "recently changed" set: the rolling re-stat has to find it
@@ -244,6 +248,23 @@ class FolderChangesTest(CatalogTestCase):
         self.assertTrue(wait_until(lambda: os.path.basename(victim) not in catalog.snapshot.by_name, 10))
         self.assertLess(time.monotonic() - started, 4.0, "withdrawn within 2 s (twice that on a busy machine)")
         self.assertTrue(wait_until(lambda: catalog.snapshot.rejected == 1, 5))
+
+    def test_an_update_rewritten_in_place_with_its_size_and_mtime_kept_is_checked_again(self):
+        """Only the change time tells: the same inode and size, the modification time put back with utime."""
+        shorten_watcher_timing(self)
+        path = make_update(self.updates, 1700000000, mtime=time.time() - 60)
+        catalog = self.catalog()
+        self.assertTrue(wait_until(lambda: self.names(catalog) == [os.path.basename(path)], 10))
+        before = os.stat(path)
+        with open(path, "r+b") as out:
+            out.seek(before.st_size // 2)
+            out.write(b"\0" * 64)
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        after = os.stat(path)
+        self.assertEqual((after.st_ino, after.st_size, after.st_mtime_ns),
+                         (before.st_ino, before.st_size, before.st_mtime_ns))
+        self.assertTrue(wait_until(lambda: catalog.snapshot.rejected == 1, 10), "the rewrite went unnoticed")
+        self.assertEqual(catalog.snapshot.updates, ())
 
     def test_a_file_rejected_as_unreadable_is_checked_again_when_its_mode_changes(self):
         path = make_update(self.updates, 1700000000, mtime=time.time() - 60)
@@ -263,6 +284,7 @@ class FolderChangesTest(CatalogTestCase):
             self.assertTrue(wait_until(lambda: self.names(catalog) == [os.path.basename(path)], 5))
 
     def test_a_fifo_renamed_onto_an_update_name_blocks_nothing(self):
+        shorten_watcher_timing(self)
         catalog = self.catalog()
         fifo = os.path.join(self.tmp, "fifo")
         os.mkfifo(fifo)

@@ -5,9 +5,11 @@ import os
 import re
 import signal
 import socket
+import struct
 import threading
 import time
 import unittest
+from unittest import mock
 
 from support import (InProcessServer, SlowDownload, TempDirTestCase, close_all, connect, hold_connections,
                      make_update, publish, raw_exchange, record, request, status_of, wait_until)
@@ -423,6 +425,49 @@ class HandlerErrorTest(TempDirTestCase):
             self.assertEqual(server.get("/").status, 200)
         self.assertIn("RuntimeError: boom", "\n".join(errors.output))
         self.assertTrue(wait_until(lambda: any('"GET /ls" 500' in line for line in server.log), 5), server.log)
+
+
+class SocketTimeoutTest(unittest.TestCase):
+    """set_socket_timeout: a timeval of zero means "never", so the shortest wait is clamped to 1 microsecond."""
+
+    def test_a_wait_under_a_microsecond_is_not_zero(self):
+        size = struct.calcsize("ll")
+        for seconds in (4e-7, 0.0, 1e-9):
+            with self.subTest(seconds=seconds), socket.socket() as connection:
+                bus.set_socket_timeout(connection, socket.SO_RCVTIMEO, seconds)
+                whole, micro = struct.unpack("ll", connection.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, size))
+                self.assertEqual(whole, 0)
+                self.assertGreater(micro, 0, "zero: recv would wait forever")
+        with socket.socket() as connection:
+            bus.set_socket_timeout(connection, socket.SO_RCVTIMEO, 2.5)
+            self.assertEqual(struct.unpack("ll", connection.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, size)),
+                             (2, 500000))
+
+    def test_a_head_deadline_a_fraction_of_a_microsecond_away_still_ends_the_read(self):
+        ours, theirs = socket.socketpair()
+        self.addCleanup(theirs.close)
+        self.addCleanup(ours.close)
+        reader = bus.RequestReader(ours, idle_timeout=30, head_timeout=10)
+        reader.await_request()
+        reader.deadline = 100.0 + 4e-7          # what remains of it when the next read starts: 0.4 microseconds
+        outcome = []
+
+        def read():
+            try:
+                outcome.append(reader.readinto(bytearray(16)))
+            except socket.timeout as error:
+                outcome.append(str(error))
+        with mock.patch("box_update_server.time") as clock:
+            clock.monotonic.return_value = 100.0
+            worker = threading.Thread(target=read, daemon=True)
+            worker.start()
+            worker.join(10)
+        if worker.is_alive():
+            ours.shutdown(socket.SHUT_RDWR)     # let the stuck read go
+            worker.join(5)
+            self.fail("the read outlived its head deadline by 10 s")
+        self.assertEqual(len(outcome), 1)
+        self.assertRegex(outcome[0], r"^no bytes for 4e-07 s$")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import unittest
 import urllib.parse
 
 from support import (ROOT, TempDirTestCase, archive_bytes, child_pids, file_member, free_port, heavy, make_update,
-                     publish, record, request, update_members, wait_until)
+                     publish, record, request, track, update_members, wait_until)
 
 EXAMPLE = os.path.join(ROOT, "examples", "nginx", "box-update-server.conf")
 PREFIX = "/box-update-server"
@@ -98,7 +98,7 @@ class Nginx:
     def start(self):
         with open(EXAMPLE, encoding="utf-8") as example:
             text = example.read()
-        for _ in range(3):
+        for _ in range(3):     # nginx's listen needs the port in its config: another process may take it first
             self.port = free_port()
             with open(self.conf, "w", encoding="utf-8") as conf:
                 conf.write(template(text, self.folder, self.port, self.upstream_port))
@@ -106,8 +106,8 @@ class Nginx:
             if checked.returncode != 0:
                 raise AssertionError("nginx -t refused the templated example:\n" + checked.stdout.decode())
             stderr = open(os.path.join(self.folder, "stderr.log"), "wb")
-            self.process = subprocess.Popen(self.command("-g", "daemon off;"), stdout=stderr, stderr=stderr,
-                                            start_new_session=True)
+            self.process = track(subprocess.Popen(self.command("-g", "daemon off;"), stdout=stderr, stderr=stderr,
+                                                  start_new_session=True))
             stderr.close()
             up = wait_until(lambda: self.process.poll() is not None or self.answers(), 10)
             if up and self.process.poll() is None:

@@ -16,8 +16,8 @@ import tracemalloc
 import unittest
 from unittest import mock
 
-from support import (ROOT, SERVER, TempDirTestCase, archive_bytes, make_update, publish, python_executable,
-                     require_binary, update_members, wait_until)
+from support import (QUICK_TIMING, ROOT, SERVER, TempDirTestCase, archive_bytes, make_update, publish,
+                     python_executable, require_binary, update_members, wait_until)
 
 import box_update_server as sig
 
@@ -993,7 +993,7 @@ class SignedUpdatesTest(TempDirTestCase):
         self.assertIn("the key is not allowed for namespace 'opq-box-update'", server.log())
 
     def test_publishing_order_does_not_matter(self):
-        server = self.start()
+        server = self.start(timing=QUICK_TIMING)
         first = self.build(1700000001)
         self.publish_built(first, signature=False)                  # the archive first: it waits
         self.assertTrue(wait_until(lambda: "1 update(s) waiting for a signature" in server.health().get("info", ""),
@@ -1003,7 +1003,7 @@ class SignedUpdatesTest(TempDirTestCase):
         self.assertTrue(wait_until(lambda: server.get("/version").body == b"1700000001", 10))
         second = self.build(1700000002)
         self.publish_built(second, archive=False)                   # the signature first
-        time.sleep(2 * sig.FolderWatcher.POLL_SECONDS)             # seen alone by the watcher
+        time.sleep(2 * QUICK_TIMING["FolderWatcher.POLL_SECONDS"])  # seen alone by the watcher
         self.publish_built(second, signature=False)
         self.assertTrue(wait_until(lambda: server.get("/version").body == b"1700000002", 10))
 
