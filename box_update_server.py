@@ -1117,7 +1117,7 @@ STATES = (CHECKING, UNSIGNED, OFFERED, REJECTED)
 class Candidate:
     """A correctly named regular file in the updates folder, its .sig if any, and what is known of them."""
     __slots__ = ("name", "digits", "version", "identity", "signature_identity", "digests", "archive", "signature",
-                 "state", "reason", "recheck_after")
+                 "state", "reason", "recheck_after", "settled")
 
     def __init__(self, name: str, digits: str, identity: FileIdentity,
                  signature_identity: Optional[FileIdentity]) -> None:
@@ -1132,6 +1132,7 @@ class Candidate:
         self.state = CHECKING
         self.reason: Optional[str] = None
         self.recheck_after = 0.0     # time.time() before which the checker leaves it (a file still changing)
+        self.settled = False         # the checker saw it unchanged for CheckQueue.SETTLE_SECONDS
 
     def needs_work(self, keys: Keys) -> bool:
         """Whether the checker has something to do: judge it, or (offered) hash it or read its .sig to serve."""
@@ -1159,8 +1160,8 @@ def judge(candidate: Candidate, verify: bool, keys: Keys) -> Tuple[str, Optional
             return CHECKING, None
         if signature.problem:
             return REJECTED, signature.problem
-    if archive is None and (verify or candidate.digests is None):
-        return CHECKING, None       # verify_updates false: offered once hashed, so once it stopped changing
+    if archive is None and (verify or not (candidate.settled or keys.required)):    # a verified .sig: final bytes
+        return CHECKING, None       # verify_updates false: offered once it stopped changing, hashed after
     return OFFERED, None
 
 
@@ -1213,6 +1214,47 @@ def watched_name(name: str) -> bool:
     if name.endswith(SIGNATURE_SUFFIX):
         name = name[:-len(SIGNATURE_SUFFIX)]
     return UPDATE_NAME.fullmatch(name) is not None
+
+
+IGNORED, COMPANION = "ignored", "signature"
+
+
+def describe_entry(name: str, kind: str, candidate: Optional["Candidate"], names: Set[str]) -> Dict[str, object]:
+    """One entry of the updates folder as /status shows it: its verdict and why (kind: file, folder, link or
+    other, as lstat sees it; names: every name in the folder)."""
+    if name.startswith("."):
+        return {"name": name, "state": IGNORED, "reason": "hidden (a copy in progress keeps such a name until it "
+                                                          "is renamed into place)"}
+    if name.endswith(SIGNATURE_SUFFIX) and UPDATE_NAME.fullmatch(name[:-len(SIGNATURE_SUFFIX)]):
+        archive = name[:-len(SIGNATURE_SUFFIX)]
+        if archive in names:
+            return {"name": name, "state": COMPANION, "reason": "the signature of %s" % archive}
+        return {"name": name, "state": IGNORED, "reason": "a .sig without its archive %s" % archive}
+    if not UPDATE_NAME.fullmatch(name):
+        return {"name": name, "state": IGNORED,
+                "reason": "not named like an update (opq-box-update-<VERSION>.tar.bz2)"}
+    if kind != "file":
+        return {"name": name, "state": IGNORED, "reason": {"folder": "a folder", "link": "a symbolic link"}.get(
+            kind, "not a regular file")}
+    if candidate is None:
+        return {"name": name, "state": CHECKING}      # it appeared since the watcher's last look
+    entry: Dict[str, object] = {"name": name, "state": candidate.state, "version": candidate.version}
+    if candidate.reason:
+        entry["reason"] = candidate.reason
+    if candidate.state == OFFERED and candidate.digests:
+        entry["sha256"] = candidate.digests.sha256.hex()
+    if candidate.state == OFFERED and candidate.signature is not None and candidate.signature.signer:
+        entry["signer"] = candidate.signature.signer
+    return entry
+
+
+def entry_kind(entry: "os.DirEntry[str]") -> str:
+    """file, folder, link or other, without following a link."""
+    if entry.is_symlink():
+        return "link"
+    if entry.is_dir(follow_symlinks=False):
+        return "folder"
+    return "file" if entry.is_file(follow_symlinks=False) else "other"
 
 
 class FolderWatcher:
@@ -1495,6 +1537,18 @@ class Catalog:
             self._publish()
             self._lock.notify_all()
 
+    def report(self) -> Dict[str, object]:
+        """Every entry of the updates folder with its verdict and why: what /status and ``status`` show."""
+        try:
+            with os.scandir(self.updates_dir) as listing:
+                entries = sorted((entry.name, entry_kind(entry)) for entry in listing)
+        except OSError as error:
+            return {"folder": self.updates_dir, "problem": folder_problem(self.updates_dir, error), "files": []}
+        names = {name for name, _ in entries}
+        with self._lock:
+            files = [describe_entry(name, kind, self._candidates.get(name), names) for name, kind in entries]
+        return {"folder": self.updates_dir, "problem": self.watcher.problem, "files": files}
+
     # The watcher -----------------------------------------------------------
 
     def _watch_loop(self) -> None:
@@ -1541,8 +1595,8 @@ class Catalog:
         if known is not None and known.identity == identity and known.signature_identity == signature_identity:
             return
         candidate = Candidate(name, digits, identity, signature_identity)
-        if known is not None and known.identity == identity:
-            candidate.digests, candidate.archive = known.digests, known.archive    # only the .sig changed
+        if known is not None and known.identity == identity:     # only the .sig changed
+            candidate.digests, candidate.archive, candidate.settled = known.digests, known.archive, known.settled
         self._candidates[name] = candidate
         self._record(candidate)
 
@@ -1581,6 +1635,11 @@ class Catalog:
                     self._lock.wait(self.watcher.POLL_SECONDS if self._queue.settling() else None)
                     continue
                 keys = self.keys
+                if not (self.verify or keys.required or candidate.settled):
+                    candidate.settled = True        # unchecked archives are offered once they stopped changing
+                    self._record(candidate)
+                    self._publish()
+                    continue
                 self._checking[me] = started = time.monotonic()
             try:
                 found = self._check(candidate, keys)
@@ -2790,6 +2849,8 @@ class UpdateRoutes:
             return self.version(request)
         if path == "/metrics":
             return self.prometheus_metrics(request)
+        if path == "/status":
+            return self.status(request)
         if path.startswith("/update/") and path.endswith(".sha256"):
             return self.checksum(request, path[len("/update/"):-len(".sha256")])
         if path.startswith("/update/") and path.endswith(SIGNATURE_SUFFIX):
@@ -2846,6 +2907,13 @@ class UpdateRoutes:
             return text_answer(404, NOT_FOUND, "/metrics")
         body = self.metrics.render(self.catalog.snapshot, self.connection_counts(), self.catalog.checking_seconds)
         return Answer(200, "/metrics", body, "text/plain; version=0.0.4; charset=utf-8", cache=CACHE_NEVER)
+
+    def status(self, request: Request) -> Answer:
+        """Every file in the updates folder with its verdict and why, for the addresses metrics_allow lists."""
+        if not in_networks(parse_address(request.client), self.settings.metrics_allow):
+            return text_answer(404, NOT_FOUND, "/status")
+        body = json.dumps(self.catalog.report(), indent=1).encode("utf-8")
+        return Answer(200, "/status", body, "application/json", cache=CACHE_NEVER)
 
     def checksum(self, request: Request, encoded_name: str) -> Answer:
         """``<hex>  <name>``, the format ``sha256sum -c`` reads."""
@@ -3318,12 +3386,20 @@ def check_files(paths: Sequence[str], signers: Optional[Sequence[AllowedSigner]]
     """``check [--allowed-signers FILE] ARCHIVE...``: the server's verdict on each, for operators before publishing."""
     failures = 0
     for path in paths:
+        if path.endswith(SIGNATURE_SUFFIX) and version_digits(os.path.basename(path)[:-len(SIGNATURE_SUFFIX)]):
+            if path[:-len(SIGNATURE_SUFFIX)] not in paths:      # otherwise judged with its archive
+                print("SKIPPED   %s: a signature: check its archive, which this .sig goes with" % path)
+            continue
         try:
             digits = version_digits(os.path.basename(path))
             if digits is None:
                 raise ArchiveError("not named opq-box-update-<VERSION>.tar.bz2")
             if not stat.S_ISREG(os.lstat(path).st_mode):
                 raise ArchiveError("not a regular file")     # never open a FIFO or a device
+            if signers is not None and not os.path.lexists(path + SIGNATURE_SUFFIX):
+                failures += 1       # as the server: not checked further until its .sig is there
+                print("WAITING   %s: waits for its signature %s%s" % (path, os.path.basename(path), SIGNATURE_SUFFIX))
+                continue
             with open_regular_file(path) as fileobj:
                 digests = check_update_archive(fileobj, digits)
             signed_by = ""
@@ -3342,29 +3418,57 @@ def check_files(paths: Sequence[str], signers: Optional[Sequence[AllowedSigner]]
     return 1 if failures else 0
 
 
+def ask_server(settings: Settings, path: str) -> Tuple[int, bytes]:
+    """GET path from the server these settings describe (a wildcard address through loopback).
+
+    OSError, ValueError or http.client.HTTPException when it cannot be asked; the message names the address.
+    """
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)  # nosec
+    address = "http://%s:%d%s" % ("[%s]" % host if ":" in host else host, settings.port, path)
+    connection = http.client.HTTPConnection(host, settings.port, timeout=3)
+    try:
+        connection.request("GET", path)
+        answer = connection.getresponse()
+        return answer.status, answer.read()
+    except (OSError, http.client.HTTPException) as error:
+        raise OSError("%s: %s" % (address, error)) from None
+    finally:
+        connection.close()
+
+
 def probe_health(settings: Settings) -> int:
     """``health``: 0 when the server these settings describe answers ``"ok": true`` on /, else 1.
 
     The Docker HEALTHCHECK runs this with the Python already in the image.
     """
-    if settings.port == 0:
-        raise SettingsError("health needs the port the server listens on: port 0 lets it pick one at start")
-    # a wildcard listening address is reached through loopback
-    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)  # nosec
-    address = "http://%s:%d/" % ("[%s]" % host if ":" in host else host, settings.port)
-    connection = http.client.HTTPConnection(host, settings.port, timeout=3)
     try:
-        connection.request("GET", "/")
-        answer = connection.getresponse()
-        health = json.loads(answer.read().decode("utf-8"))
-        healthy = answer.status == 200 and isinstance(health, dict) and health.get("ok") is True
-    except (OSError, ValueError, http.client.HTTPException) as error:
-        print("unhealthy: %s: %s" % (address, error))
+        status, body = ask_server(settings, "/")
+        health = json.loads(body.decode("utf-8"))
+    except (OSError, ValueError) as error:
+        print("unhealthy: %s" % error)
         return 1
-    finally:
-        connection.close()
+    healthy = status == 200 and isinstance(health, dict) and health.get("ok") is True
     print(("healthy: %s" if healthy else "unhealthy: %s") % json.dumps(health))
     return 0 if healthy else 1
+
+
+def print_status(settings: Settings) -> int:
+    """``status``: every file in the running server's updates folder, its verdict and why; 1 if it cannot say."""
+    try:
+        status, body = ask_server(settings, "/status")
+        report = json.loads(body.decode("utf-8")) if status == 200 else None
+    except (OSError, ValueError) as error:
+        print("box_update_server: error: cannot ask the server: %s" % error, file=sys.stderr)
+        return 1
+    if not isinstance(report, dict):
+        print("box_update_server: error: the server answered /status with %d (is this address in metrics_allow?)"
+              % status, file=sys.stderr)
+        return 1
+    print("updates folder %s%s" % (report.get("folder"), ": %s" % report["problem"] if report.get("problem") else ""))
+    for entry in report.get("files", []):
+        details = [str(entry[key]) for key in ("reason", "sha256", "signer") if entry.get(key)]
+        print("%-26s %s%s" % (entry["state"], entry["name"], "  (%s)" % "; ".join(details) if details else ""))
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -3376,6 +3480,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("serve", help="run the server (the default)")
     commands.add_parser("health", help="exit 0 if the configured server answers ok on /, 1 if not")
+    commands.add_parser("status", help="list every file in the configured server's updates folder, its verdict "
+                                       "and why")
     check = commands.add_parser("check", help="check update archives as the server would, before publishing")
     check.add_argument("--allowed-signers", metavar="FILE",
                        help="also require ARCHIVE.sig to verify under a key in this OpenSSH allowed_signers file")
@@ -3386,8 +3492,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             signers = load_allowed_signers(arguments.allowed_signers) if arguments.allowed_signers else None
             return check_files(arguments.files, signers)
         settings, warnings = parse_settings(os.environ.get(SETTINGS_VARIABLE), os.getcwd())
+        if arguments.command in ("health", "status") and settings.port == 0:
+            raise SettingsError("%s needs the port the server listens on: port 0 lets it pick one at start"
+                                % arguments.command)
         if arguments.command == "health":
             return probe_health(settings)
+        if arguments.command == "status":
+            return print_status(settings)
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
         for warning in warnings:
             logger.warning("%s", warning)
