@@ -14,28 +14,24 @@
 # (tests; systemctl is then not run).
 
 opq_install_box_updater() (
-    set -eu
     files=${OPQ_BOX_UPDATER_FILES:-./box-updater}
     root=${OPQ_INSTALL_ROOT:-}
 
-    # put MODE SOURCE TARGET: a copy renamed into place
+    # put MODE SOURCE TARGET: a copy renamed into place (each step checked: a sourced file cannot rely on set -e)
     put() {
-        mkdir -p "$root${3%/*}"
-        cp "$2" "$root$3.new"
-        chmod "$1" "$root$3.new"
-        mv -f "$root$3.new" "$root$3"
+        mkdir -p "$root${3%/*}" && cp "$2" "$root$3.new" && chmod "$1" "$root$3.new" && mv -f "$root$3.new" "$root$3"
     }
 
-    put 0755 "$files/opq-box-update" /usr/local/bin/opq-box-update
-    put 0644 "$files/opq-box-update.service" /etc/systemd/system/opq-box-update.service
-    put 0644 "$files/opq-box-update.timer" /etc/systemd/system/opq-box-update.timer
-    put 0755 "$files/updater.sh" /usr/local/box-config-daemon/updater/updater.sh
+    put 0755 "$files/opq-box-update" /usr/local/bin/opq-box-update || exit 1
+    put 0644 "$files/opq-box-update.service" /etc/systemd/system/opq-box-update.service || exit 1
+    put 0644 "$files/opq-box-update.timer" /etc/systemd/system/opq-box-update.timer || exit 1
+    put 0755 "$files/updater.sh" /usr/local/box-config-daemon/updater/updater.sh || exit 1
     if [ -f "$files/allowed_signers" ]; then
-        put 0644 "$files/allowed_signers" /etc/opq/allowed_signers
+        put 0644 "$files/allowed_signers" /etc/opq/allowed_signers || exit 1
     fi
     if [ -z "$root" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
-        systemctl daemon-reload
-        systemctl enable --now opq-box-update.timer
+        systemctl daemon-reload || exit 1
+        systemctl enable --now opq-box-update.timer || exit 1
     fi
     echo "opq-box-update: the OPQ Box updater is installed"
 )
