@@ -395,24 +395,30 @@ class BoxUpdaterCase(TempDirTestCase):
 
     def test_a_bad_archive_is_refused_before_anything_is_extracted(self):
         top = "opq-box-update-%d" % NEW
-        cases = {
-            "outside the top folder": box_members(NEW, extra=[file_member("elsewhere/evil", b"x")]),
-            "a second top folder": box_members(NEW, extra=[dir_member("opq-box-update-1")]),
-            "an absolute path": box_members(NEW, extra=[file_member("/tmp/evil", b"x")]),
-            "a '..' part": box_members(NEW, extra=[file_member(top + "/../evil", b"x")]),
-            "a link out": box_members(NEW, extra=[link_member(top + "/box-config-daemon/out", "../../evil")]),
-            "an absolute link": box_members(NEW, extra=[link_member(top + "/etc", "/etc")]),
-            "a hard link out": box_members(NEW, extra=[link_member(top + "/passwd", "etc/passwd", hard=True)]),
-            "a device": box_members(NEW, extra=[device_member(top + "/null")]),
-            "a FIFO": box_members(NEW, extra=[fifo_member(top + "/fifo")]),
-            "a VERSION that does not match the name": box_members(NEW, version_content="%d\n" % (NEW + 1)),
-            "two VERSION files": box_members(NEW, extra=[file_member("./%s/VERSION" % top, b"%d\n" % NEW)]),
-            "no install_update.sh": box_members(NEW, installer=None),
-            "an install_update.sh that is not executable": box_members(NEW, installer_mode=0o644),
-            "not bzip2": None,
+        cases = {   # what is wrong: (the members, the reason the box gives)
+            "outside the top folder": (box_members(NEW, extra=[file_member("elsewhere/evil", b"x")]),
+                                       "'elsewhere/evil' is outside the top folder"),
+            "a second top folder": (box_members(NEW, extra=[dir_member("opq-box-update-1")]), "outside the top folder"),
+            "an absolute path": (box_members(NEW, extra=[file_member("/tmp/evil", b"x")]), "an absolute path or a '..'"),
+            "a '..' part": (box_members(NEW, extra=[file_member(top + "/../evil", b"x")]), "an absolute path or a '..'"),
+            "a link out": (box_members(NEW, extra=[link_member(top + "/box-config-daemon/out", "../../evil")]),
+                           "link '%s/box-config-daemon/out' points outside" % top),
+            "an absolute link": (box_members(NEW, extra=[link_member(top + "/etc", "/etc")]), "points outside"),
+            "a hard link out": (box_members(NEW, extra=[link_member(top + "/passwd", "etc/passwd", hard=True)]),
+                                "hard link '%s/passwd' points outside" % top),
+            "a device": (box_members(NEW, extra=[device_member(top + "/null")]), "is a device, FIFO"),
+            "a FIFO": (box_members(NEW, extra=[fifo_member(top + "/fifo")]), "is a device, FIFO"),
+            "a VERSION that does not match the name": (box_members(NEW, version_content="%d\n" % (NEW + 1)),
+                                                       "VERSION says '%d', the name says %d" % (NEW + 1, NEW)),
+            "two VERSION files": (box_members(NEW, extra=[file_member("./%s/VERSION" % top, b"%d\n" % NEW)]),
+                                  "holds 2 %s/VERSION files" % top),
+            "no install_update.sh": (box_members(NEW, installer=None), "has no %s/install_update.sh" % top),
+            "an install_update.sh that is not executable": (box_members(NEW, installer_mode=0o644),
+                                                            "install_update.sh is not an executable regular file"),
+            "not bzip2": (None, "not a complete bzip2 file"),
         }
         fake = FakeUpdateServer(self)
-        for case, members in cases.items():
+        for case, (members, reason) in cases.items():
             with self.subTest(case):
                 data = archive_bytes(members) if members is not None else b"BZh9 not really\n"
                 fake.offer(NAME, data)
@@ -420,6 +426,7 @@ class BoxUpdaterCase(TempDirTestCase):
                 result = box.run()
                 self.assert_nothing_installed(box, result, 2)
                 self.assertIn("%s is refused: " % NAME, result.stderr)
+                self.assertIn(reason, result.stderr)
                 self.assertIsNone(box.state_files("download"))
 
     def test_links_and_dot_paths_inside_the_top_folder_are_accepted(self):
@@ -517,11 +524,17 @@ class BoxUpdaterCase(TempDirTestCase):
 
     def test_a_box_id_that_is_not_a_header_value_is_not_sent(self):
         fake = FakeUpdateServer(self)
-        box = self.box(fake.url, box_id="10 01\r\nX-Evil: 1")
-        self.assert_nothing_installed(box, box.run(), 1)    # /latest answers 404: no update
-        headers = fake.latest_headers()[0]
-        self.assertNotIn("X-OPQ-Box-Id", headers)
-        self.assertNotIn("X-Evil", headers)
+        for box_id in ("10 01", "1001:2", "1001\r\nX-Evil: 1", "1" * 65):
+            with self.subTest(box_id=box_id):
+                fake.requests.clear()
+                box = self.box(fake.url, box_id=box_id)
+                result = box.run()
+                self.assert_nothing_installed(box, result, 1)    # /latest answers 404: no update
+                self.assertIn("box_id", result.stdout)
+                headers = fake.latest_headers()[0]
+                self.assertNotIn("X-OPQ-Box-Id", headers)
+                self.assertNotIn("X-Evil", headers)
+                self.assertEqual(headers.get("X-OPQ-Box-Version"), str(OLD))
 
     # 6: one run at a time
 
