@@ -561,7 +561,7 @@ class BoxUpdaterCase(TempDirTestCase):
         bin_dir = os.path.join(self.tmp, "bin")
         os.mkdir(bin_dir)
         for command in ("wget", "tar", "bzip2", "sha256sum", "python3", "sed", "grep", "tr", "cut", "wc", "tail",
-                        "mkdir", "rm", "cat", "sleep", "touch", "sh", "chmod", "mv"):
+                        "mkdir", "rm", "cat", "sleep", "touch", "sh", "chmod", "mv", "head"):
             os.symlink(require_binary(command), os.path.join(bin_dir, command))
         path = {"PATH": bin_dir}
         self.publish_update()
@@ -597,6 +597,20 @@ class BoxUpdaterCase(TempDirTestCase):
         with open(os.path.join(box.state, "lock.d", "owner"), "w") as file:
             file.write("%d %s\n" % (os.getpid(), boot_id))
         self.assert_status(box.run(**path), 1)
+
+    def test_busybox_tar_and_wget_are_not_taken_for_gnu_ones(self):
+        busybox = require_binary("busybox")
+        self.publish_update()
+        server = self.start_server()
+        box = self.box(server.url())
+        for command in ("tar", "wget"):
+            with self.subTest(command):
+                bin_dir = os.path.join(self.tmp, "bin-" + command)
+                os.mkdir(bin_dir)
+                os.symlink(busybox, os.path.join(bin_dir, command))
+                result = box.run(PATH=bin_dir + os.pathsep + os.environ["PATH"])
+                self.assert_nothing_installed(box, result, 1)
+                self.assertIn("'%s' must be GNU" % command, result.stderr)
 
     def test_bad_configuration_exits_1_with_one_line(self):
         box = self.box("ftp://example.org")
