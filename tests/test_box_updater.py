@@ -6,6 +6,7 @@ import hashlib
 import http.server
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -320,6 +321,30 @@ class BoxUpdaterCase(TempDirTestCase):
         self.assertIn("is not checked", result.stdout)    # no keys installed: no signature asked for
         self.assertEqual(server.access_lines(".sig"), [])
 
+    def test_the_install_runs_in_a_fresh_folder_and_its_output_goes_to_syslog(self):
+        self.publish_update()
+        server = self.start_server()
+        box = self.box(server.url())
+        leftover = os.path.join(box.state, "work", "extract", "opq-box-update-%d" % NEW)
+        os.makedirs(leftover)    # what a run killed during an install left behind
+        with open(os.path.join(leftover, "install_update.sh"), "w") as stale:
+            stale.write("#!/bin/sh\necho stale >>\"$FAKE_BOX/installs\"\n")
+        os.chmod(os.path.join(leftover, "install_update.sh"), 0o755)
+        bin_dir = os.path.join(self.tmp, "bin")
+        os.mkdir(bin_dir)
+        with open(os.path.join(bin_dir, "logger"), "w") as logger:   # syslog, as the test can see it
+            logger.write('#!/bin/sh\necho "logger $*" >>"$FAKE_BOX/syslog"\ncat >>"$FAKE_BOX/syslog"\n')
+        os.chmod(os.path.join(bin_dir, "logger"), 0o755)
+        self.assert_status(box.run(PATH=bin_dir + os.pathsep + os.environ["PATH"]), 0)
+        self.assertEqual(box.installs(), [NEW])
+        self.assertEqual(box.read("syslog"), "logger -t opq-box-update\ninstalled %d\n" % NEW)
+
+    def test_an_endpoint_with_white_space_is_refused(self):
+        box = self.box("http://127.0.0.1:1/x y")
+        result = box.run()
+        self.assert_nothing_installed(box, result, 1)
+        self.assertIn("white space", result.stderr)
+
     # 2: nothing newer
 
     def test_an_update_already_installed_downloads_nothing(self):
@@ -371,7 +396,6 @@ class BoxUpdaterCase(TempDirTestCase):
         box = self.box(server.url())
         box.trust(self.keys.allowed_signers_line(key, principal="someone-else"))
         self.assert_nothing_installed(box, box.run(), 2)
-        box.trust(self.keys.allowed_signers_line(key, principal="someone-else"))
         self.assert_status(box.run(OPQ_SIGNER_PRINCIPAL="someone-else"), 0)
         self.assertEqual(box.installed_version(), NEW)
 
@@ -663,7 +687,7 @@ class BoxFilesTests(TempDirTestCase):
                 copy.write(source.read().replace("ExecStart=/usr/local/bin/opq-box-update", "ExecStart=" + UPDATER))
         result = subprocess.run([analyze, "verify", "--man=no", "opq-box-update.service", "opq-box-update.timer"],
                                 cwd=self.tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
-        if result.returncode != 0 and ("Failed to" in result.stdout and "bus" in result.stdout.lower()):
+        if re.search(r"Failed to (initialize|set up|setup|create) (the )?manager", result.stdout):
             self.skipTest("systemd-analyze cannot run here: " + result.stdout.strip().splitlines()[-1])
         self.assertEqual((result.returncode, result.stdout), (0, ""))
 
