@@ -255,6 +255,17 @@ class BoxUpdaterCase(TempDirTestCase):
         self.box_count += 1
         return FakeBox(os.path.join(self.tmp, "box%d" % self.box_count), self.shell, endpoint, box_id, installed)
 
+    def start_run(self, box, **extra):
+        """A run in the background, stopped and reaped after the test whatever happens."""
+        process = box.start(**extra)
+
+        def reap():
+            if process.poll() is None:
+                process.kill()
+            process.communicate()
+        self.addCleanup(reap)
+        return process
+
     def publish_update(self, version=NEW, members=None, key=None):
         path = make_update(self.updates, version, members or box_members(version), mtime=time.time() - 60)
         if key is not None:
@@ -423,8 +434,8 @@ class BoxUpdaterCase(TempDirTestCase):
             "outside the top folder": (box_members(NEW, extra=[file_member("elsewhere/evil", b"x")]),
                                        "'elsewhere/evil' is outside the top folder"),
             "a second top folder": (box_members(NEW, extra=[dir_member("opq-box-update-1")]), "outside the top folder"),
-            "an absolute path": (box_members(NEW, extra=[file_member("/tmp/evil", b"x")]), "an absolute path or a '..'"),
-            "a '..' part": (box_members(NEW, extra=[file_member(top + "/../evil", b"x")]), "an absolute path or a '..'"),
+            "an absolute path": (box_members(NEW, extra=[file_member("/tmp/evil", b"x")]), "absolute path or a '..'"),
+            "a '..' part": (box_members(NEW, extra=[file_member(top + "/../evil", b"x")]), "absolute path or a '..'"),
             "a link out": (box_members(NEW, extra=[link_member(top + "/box-config-daemon/out", "../../evil")]),
                            "link '%s/box-config-daemon/out' points outside" % top),
             "an absolute link": (box_members(NEW, extra=[link_member(top + "/etc", "/etc")]), "points outside"),
@@ -571,7 +582,7 @@ class BoxUpdaterCase(TempDirTestCase):
         self.publish_update()
         server = self.start_server()
         box = self.box(server.url())
-        first = box.start(FAKE_INSTALL_SLEEP="3")
+        first = self.start_run(box, FAKE_INSTALL_SLEEP="3")
         self.assertTrue(wait_until(lambda: os.path.exists(os.path.join(box.root, "installing")), 60))
         second = box.run()
         self.assert_status(second, 1)
@@ -579,7 +590,7 @@ class BoxUpdaterCase(TempDirTestCase):
         out, err = first.communicate(timeout=120)
         self.assertEqual(first.returncode, 0, out + err)
         self.assertEqual((box.installs(), box.reboots()), ([NEW], 1))
-        self.assertEqual(server.access_lines('"GET /latest"').__len__(), 1, "the second run asked nothing")
+        self.assertEqual(len(server.access_lines('"GET /latest"')), 1, "the second run asked nothing")
 
     def test_without_flock_a_mkdir_lock_is_held_and_a_stale_one_taken_over(self):
         bin_dir = os.path.join(self.tmp, "bin")
@@ -591,7 +602,7 @@ class BoxUpdaterCase(TempDirTestCase):
         self.publish_update()
         server = self.start_server()
         box = self.box(server.url())
-        first = box.start(FAKE_INSTALL_SLEEP="3", **path)
+        first = self.start_run(box, FAKE_INSTALL_SLEEP="3", **path)
         self.assertTrue(wait_until(lambda: os.path.exists(os.path.join(box.root, "installing")), 60))
         self.assertTrue(os.path.isdir(os.path.join(box.state, "lock.d")))
         second = box.run(**path)
@@ -753,8 +764,8 @@ class BoxFilesTests(TempDirTestCase):
         script = os.path.join(self.tmp, "install_update.sh")
         with open(script, "w") as install:
             install.write(". %s\necho not reached\n" % os.path.join(BOX, "install_update.snippet.sh"))
-        result = subprocess.run(["sh", script], env=dict(os.environ, OPQ_BOX_UPDATER_FILES=files,
-                                                        OPQ_INSTALL_ROOT=os.path.join(self.tmp, "root")),
+        env = dict(os.environ, OPQ_BOX_UPDATER_FILES=files, OPQ_INSTALL_ROOT=os.path.join(self.tmp, "root"))
+        result = subprocess.run(["sh", script], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
         self.assertEqual(result.returncode, 1, result.stdout)
         self.assertIn("installing the OPQ Box updater failed", result.stdout)
@@ -825,7 +836,7 @@ class RolloutTests(TempDirTestCase):
         result = second.run()
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual((second.installed_version(), second.installs(), second.reboots()), (OLD, [], 0))
-        self.assertEqual(self.server.access_lines('"GET /update/%s"' % NAME).__len__(), 1, "only the first box")
+        self.assertEqual(len(self.server.access_lines('"GET /update/%s"' % NAME)), 1, "only the first box")
 
     @heavy
     def test_a_fleet_of_20_canaries_first_then_waves_and_a_failing_canary_halts_the_rest(self):
