@@ -562,6 +562,17 @@ class BoxUpdaterCase(TempDirTestCase):
         self.assertEqual([headers.get("X-OPQ-Box-Result") for headers in fake.latest_headers()], [None])
         self.assertEqual(fake.latest_headers()[0].get("X-OPQ-Box-Version"), str(NEW))
 
+    def test_a_failure_is_no_longer_reported_once_that_version_is_installed_otherwise(self):
+        fake = FakeUpdateServer(self)
+        fake.offer(NAME, archive_bytes(box_members(NEW)))
+        box = self.box(fake.url, installed=NEW)    # e.g. installed by hand after the failed attempt
+        os.makedirs(box.state)
+        with open(os.path.join(box.state, "failed"), "w") as record:
+            record.write("%d\n" % NEW)
+        self.assert_status(box.run(), 0)
+        self.assertNotIn("X-OPQ-Box-Result", fake.latest_headers()[0])
+        self.assertIsNone(box.read("var/lib/opq-box-update/failed"))
+
     def test_a_box_id_that_is_not_a_header_value_is_not_sent(self):
         fake = FakeUpdateServer(self)
         for box_id in ("10 01", "1001:2", "1001\r\nX-Evil: 1", "1" * 65):
