@@ -1094,6 +1094,10 @@ class SignatureVerdict(NamedTuple):
     generation: int              # the keys it was judged under (Keys.generation)
 
 
+# What one check found: digests, the archive's verdict, the signature's verdict (each None if not judged).
+CheckFound = Tuple[Optional[Digests], Optional[ArchiveVerdict], Optional["SignatureVerdict"]]
+
+
 class Keys(NamedTuple):
     """The allowed_signers keys in force; each reload gives a new generation, so a verdict knows its keys."""
     generation: int
@@ -1620,7 +1624,7 @@ class Catalog:
         The first checker runs as long as the catalog; one started beside a slow check ends
         when it finds the checkers outnumber the slow checks.
         """
-        me = threading.get_ident()
+        checker = threading.get_ident()
         while not self._stopping.is_set():
             with self._lock:
                 if self._checkers > 1 and len(self._checking) < self._checkers - 1:
@@ -1640,14 +1644,14 @@ class Catalog:
                     self._record(candidate)
                     self._publish()
                     continue
-                self._checking[me] = started = time.monotonic()
+                self._checking[checker] = started = time.monotonic()
             try:
                 found = self._check(candidate, keys)
             except Exception as error:  # pylint: disable=broad-except
                 logger.exception("checking %s failed", candidate.name)
                 found = (None, ArchiveVerdict("could not be checked: %s" % error, None), None)    # fails closed
             with self._lock:
-                del self._checking[me]
+                del self._checking[checker]
                 self.checking_seconds += time.monotonic() - started
                 if not self._is_current(candidate):
                     continue
@@ -1661,8 +1665,7 @@ class Catalog:
                 if self._offer_changed or time.monotonic() - self._published_at >= self.publish_interval:
                     self._publish()
 
-    def _check(self, candidate: Candidate, keys: Keys) -> Optional[Tuple[Optional[Digests], Optional[ArchiveVerdict],
-                                                                        Optional[SignatureVerdict]]]:
+    def _check(self, candidate: Candidate, keys: Keys) -> Optional[CheckFound]:
         """The next passes a candidate needs, outside the lock; None when its file changed meanwhile.
 
         With signatures required: hash the file as stored and verify its .sig first, and
@@ -3259,8 +3262,8 @@ class BoxUpdateServer(http.server.ThreadingHTTPServer):
         while not self._keys_stopping.wait(self.KEYS_POLL_SECONDS):
             if self.signers_file.changed():
                 self.reload_keys("allowed_signers changed")
-            elif self.catalog.keys.signers and time.time() >= next_validity_boundary(self.catalog.keys.signers,
-                                                                                       self.keys_judged_at):
+            elif self.catalog.keys.signers and time.time() >= next_validity_boundary(
+                    self.catalog.keys.signers, self.keys_judged_at):
                 logger.info("a key's valid-after or valid-before passed: judging the signatures again")
                 self.catalog.reload(self.catalog.keys.signers, self.catalog.keys.problem)
             else:

@@ -4,7 +4,6 @@ reached the client, and a line for every connection refused or download cut at s
 import http.client
 import os
 import re
-import signal
 import socket
 import time
 import unittest
