@@ -51,7 +51,8 @@ class SettingsTest(unittest.TestCase):
         cases = [({"max_connections": 20, "max_downloads": 21}, "max_downloads (21) must not exceed max_connections"),
                  ({"max_downloads": 0}, "max_downloads"), ({"max_downloads": True}, "max_downloads"),
                  ({"ipv6_client_prefix": 0}, "ipv6_client_prefix must be a prefix length from 1 to 128"),
-                 ({"ipv6_client_prefix": 129}, "ipv6_client_prefix"), ({"ipv6_client_prefix": "64"}, "ipv6_client_prefix"),
+                 ({"ipv6_client_prefix": 129}, "ipv6_client_prefix"),
+                 ({"ipv6_client_prefix": "64"}, "ipv6_client_prefix"),
                  ({"ipv6_client_prefix": True}, "ipv6_client_prefix"),
                  ({"forwarded_header": "X-Real-IP"}, "forwarded_header must be 'X-Forwarded-For' or 'Forwarded'"),
                  ({"forwarded_header": 1}, "forwarded_header must be")]

@@ -239,6 +239,22 @@ class ConnectionTableTest(unittest.TestCase):
         with self.assertRaises(BlockingIOError):    # not shut down: the client sees no end of stream
             peer.recv(1)
 
+    def test_when_the_longest_waiting_slot_begins_a_request_the_next_one_gives_its_slot_up(self):
+        table = bus.ConnectionTable(2, 2)
+        first, first_peer, newcomer = self.connections()
+        second, second_peer = socket.socketpair()
+        self.addCleanup(second.close)
+        self.addCleanup(second_peer.close)
+        table.admit(first, "10.0.0.1", False)
+        table.admit(second, "10.0.0.1", False)
+        racing, idle = table.slot_of(first), table.slot_of(second)
+        racing.__class__ = self.RacingSlot
+        racing.served = idle.served = True
+        idle.waiting_since = racing.waiting_since + 1           # racing has waited longer: picked first
+        self.assertIsNone(table.admit(newcomer, "10.0.0.2", False))
+        self.assertEqual((racing.evicted, idle.evicted, table.evicted), (False, True, 1))
+        self.assertEqual(second_peer.recv(1), b"")
+
     def test_an_idle_slot_is_evicted_for_a_newcomer(self):
         table = bus.ConnectionTable(1, 1)
         held, peer, newcomer = self.connections()
