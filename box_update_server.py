@@ -98,7 +98,7 @@ class Settings(NamedTuple):
     # Who the client is:
     max_downloads: int = 950                # downloads at once; the other slots are kept for short answers
     ipv6_client_prefix: int = 64            # an IPv6 client is its /64 (one home, one site) for the per-client cap
-    forwarded_header: str = "X-Forwarded-For"   # the one header the trusted proxies write: or "Forwarded"
+    forwarded_header: str = "X-Forwarded-For"   # the header the trusted proxies name the client in, or "Forwarded"
 
 
 REQUIRED_KEYS = ("port", "updates_dir")
@@ -2853,6 +2853,7 @@ class ConnectionTable:
         slot.downloading = True
 
     def end_download(self, slot: Slot) -> None:
+        """The download is over, whole or cut: its place is free for the next."""
         with self._lock:
             self.downloads -= 1
         slot.downloading = False
