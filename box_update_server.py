@@ -97,6 +97,10 @@ class Settings(NamedTuple):
     metrics_allow: Tuple[Network, ...] = LOOPBACK_AND_PRIVATE
     verify_updates: bool = True             # check archives before offering them
     allowed_signers: Optional[str] = None   # OpenSSH allowed_signers file: signatures required when set
+    # Who the client is:
+    max_downloads: int = 950                # downloads at once; the other slots are kept for short answers
+    ipv6_client_prefix: int = 64            # an IPv6 client is its /64 (one home, one site) for the per-client cap
+    forwarded_header: str = "X-Forwarded-For"   # the header the trusted proxies name the client in, or "Forwarded"
 
 
 REQUIRED_KEYS = ("port", "updates_dir")
@@ -146,7 +150,13 @@ def parse_settings(text: Optional[str], cwd: str = ".") -> Tuple[Settings, List[
         metrics_allow=optional("metrics_allow", _networks_setting, default.metrics_allow),
         verify_updates=optional("verify_updates", _bool_setting, default.verify_updates),
         allowed_signers=optional("allowed_signers", lambda key, value: _path_setting(key, value, cwd), None),
+        max_downloads=optional("max_downloads", _count_setting, default_max_downloads(max_connections)),
+        ipv6_client_prefix=optional("ipv6_client_prefix", _ipv6_prefix_setting, default.ipv6_client_prefix),
+        forwarded_header=optional("forwarded_header", _forwarded_header_setting, default.forwarded_header),
     )
+    if settings.max_downloads > settings.max_connections:
+        raise SettingsError("max_downloads (%d) must not exceed max_connections (%d)"
+                            % (settings.max_downloads, settings.max_connections))
     warnings = ["unknown setting %r is ignored" % key for key in unknown]
     return settings, warnings
 
@@ -211,10 +221,50 @@ def _networks_setting(key: str, value: object) -> Tuple[Network, ...]:
     networks = []
     for item in value:
         try:
-            networks.append(ipaddress.ip_network(item if isinstance(item, str) else "-", strict=False))
+            networks.append(unmapped_network(ipaddress.ip_network(item if isinstance(item, str) else "-",
+                                                                  strict=False)))
         except ValueError:
             raise SettingsError("%s: %r is not an address or CIDR range" % (key, item)) from None
     return tuple(networks)
+
+
+def unmapped_network(network: Network) -> Network:
+    """An IPv4-mapped range (::ffff:127.0.0.1, ::ffff:10.0.0.0/104) as the IPv4 one (127.0.0.1/32, 10.0.0.0/8).
+
+    The server reads a mapped peer or forwarded address as IPv4 (parse_address), so the
+    mapped spelling would otherwise match nothing, silently.
+    """
+    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:     # ::ffff:0:0/96, RFC 4291 §2.5.5.2
+        mapped = network.network_address.ipv4_mapped
+        if mapped is not None:
+            return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
+
+
+def default_max_downloads(max_connections: int) -> int:
+    """All but a twentieth of the slots (at least two), so a server full of slow downloads still answers OPQ Health.
+
+    Two at least: a client's next request may arrive while the thread of its last one is
+    still finishing, holding its slot for a moment.
+    """
+    return max(1, max_connections - max(2, max_connections // 20))
+
+
+def _ipv6_prefix_setting(key: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 128:
+        raise SettingsError("%s must be a prefix length from 1 to 128, not %r" % (key, value))
+    return value
+
+
+FORWARDED_HEADERS = ("X-Forwarded-For", "Forwarded")
+
+
+def _forwarded_header_setting(key: str, value: object) -> str:
+    """The header the proxies write, spelt as in FORWARDED_HEADERS whatever the case given."""
+    for name in FORWARDED_HEADERS:
+        if isinstance(value, str) and value.lower() == name.lower():
+            return name
+    raise SettingsError("%s must be %s, not %r" % (key, " or ".join(map(repr, FORWARDED_HEADERS)), value))
 
 
 def check_updates_dir(path: str) -> None:
@@ -2002,9 +2052,17 @@ def request_path(target: str) -> str:
 
 
 def parse_address(text: str) -> Optional[Address]:
-    """An IP address as the socket or a forwarding header gives it; IPv4-mapped IPv6 reads as IPv4."""
+    """An IP address as the socket or a forwarding header gives it; IPv4-mapped IPv6 reads as IPv4.
+
+    A zone (fe80::1%eth0) is dropped; an IPv4 octet with a leading zero (010.0.0.1: octal to
+    some parsers) is no address, whichever Python reads it.
+    """
+    text = text.strip().partition("%")[0]
+    dotted = text.rpartition(":")[2]
+    if "." in dotted and any(len(octet) > 1 and octet[0] == "0" for octet in dotted.split(".")):
+        return None
     try:
-        address = ipaddress.ip_address(text.strip())
+        address = ipaddress.ip_address(text)
     except ValueError:
         return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
@@ -2017,36 +2075,84 @@ def in_networks(address: Optional[Address], networks: Sequence[Network]) -> bool
     return address is not None and any(address in network for network in networks)
 
 
-def forwarded_for(headers: Mapping[str, str]) -> List[str]:
-    """The client addresses a proxy chain reports, nearest last: X-Forwarded-For, else Forwarded (RFC 7239)."""
-    if "x-forwarded-for" in headers:
-        return [part.strip() for part in headers["x-forwarded-for"].split(",")]
-    hops = []
-    for element in headers.get("forwarded", "").split(","):
-        for pair in element.split(";"):
-            key, _, value = pair.strip().partition("=")
-            if key.lower() == "for":
-                value = value.strip('"')
-                if value.startswith("[") and "]" in value:
-                    value = value[1:value.index("]")]         # "[2001:db8::1]:4711"
-                elif value.count(":") == 1:
-                    value = value.split(":")[0]               # "192.0.2.60:8080"
-                hops.append(value)
-    return hops
+def client_group(address: Address, ipv6_prefix: int) -> str:
+    """What max_connections_per_client counts as one client: an IPv4 address, or an IPv6 address's /64.
+
+    A home or site is given a whole /64 or more (RFC 6177), so counting single IPv6
+    addresses would give one of them 2**64 shares of the server.
+    """
+    if isinstance(address, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((address, ipv6_prefix), strict=False))
+    return str(address)
 
 
-def client_behind_proxies(peer: str, headers: Mapping[str, str], trusted_proxies: Sequence[Network]) -> str:
-    """Who sent a request: the peer, or behind trusted proxies the right-most address they did not add.
+UNKNOWN_CLIENT = "unknown"      # RFC 7239 §6.2: the proxy does not know the client, or hides it (§6.3)
 
+_PORT = r"(?::(?:[0-9]{1,5}|_[A-Za-z0-9._-]+))?"                             # RFC 7239 §6: node-port, obfport
+_NODE = re.compile(r"\[([0-9A-Fa-f:.]+)\]" + _PORT                           # [2001:db8::1]:443
+                   + r"|([0-9.]+)" + _PORT                                    # 203.0.113.7:51234
+                   + r"|([0-9A-Fa-f.]*:[0-9A-Fa-f:.]*)")                      # 2001:db8::1, as nginx's $remote_addr
+_FORWARDED_PAIR = re.compile(r'([^=,;" \t]+)=("(?:[^"\\]|\\.)*"|[^,;" \t]*)')        # RFC 7239 §4
+# An element's pairs, then "," or the end; each space can be read one way only (linear time).
+_FORWARDED_ELEMENT = re.compile(r"(?P<pairs>(?:%s)?(?:[ \t]*;(?:[ \t]*%s)?)*)[ \t]*(?P<end>,|$)"
+                                % (_FORWARDED_PAIR.pattern, _FORWARDED_PAIR.pattern))
+_QUOTED_PAIR = re.compile(r"\\(.)")
+
+
+def node_address(node: str) -> Optional[Address]:
+    """The address in a forwarded node (RFC 7239 §6), its port dropped; None for "unknown", "_hidden" or garbage."""
+    match = _NODE.fullmatch(node)
+    if match is None:
+        return None
+    bracketed, ipv4, bare = match.groups()
+    if bracketed is not None and ":" not in bracketed:
+        return None                     # brackets hold IPv6 only
+    return parse_address(bracketed or ipv4 or bare)
+
+
+def forwarded_for(headers: Mapping[str, str], header: str) -> List[str]:
+    """The client nodes one forwarding header reports, nearest proxy last (empty list elements ignored).
+
+    X-Forwarded-For is a comma-separated list, as nginx's $proxy_add_x_forwarded_for.  In
+    Forwarded (RFC 7239 §4) each element is one hop: its "for" parameter, unquoted, or ""
+    (no address) when it has none, repeats it, or cannot be parsed, so that no hop is skipped.
+    """
+    value = headers.get(header.lower(), "")
+    if header.lower() != "forwarded":
+        return [part.strip(" \t") for part in value.split(",") if part.strip(" \t")]
+    nodes: List[str] = []
+    position = 0
+    while True:
+        while value[position:position + 1] in (" ", "\t"):    # here, not in the pattern: linear time
+            position += 1
+        element = _FORWARDED_ELEMENT.match(value, position)
+        if element is None:
+            return nodes + [""]             # malformed: the rest is one hop that names no one
+        pairs = _FORWARDED_PAIR.findall(element.group("pairs"))
+        if pairs:
+            found = [node for key, node in pairs if key.lower() == "for"]
+            node = found[0] if len(found) == 1 else ""
+            nodes.append(_QUOTED_PAIR.sub(r"\1", node[1:-1]) if node.startswith('"') else node)
+        if not element.group("end"):
+            return nodes
+        position = element.end()
+
+
+def client_behind_proxies(peer: str, headers: Mapping[str, str], trusted_proxies: Sequence[Network],
+                          forwarded_header: str) -> str:
+    """Who sent a request: the peer, or behind trusted proxies the right-most node they did not add.
+
+    Only forwarded_header is read, the one the proxies write: any other is the client's own.
+    A node that is no address ("unknown", "_hidden") is UNKNOWN_CLIENT, never the proxy.
     Forwarding headers from anyone else are ignored, so no client can choose its address.
     """
     client = parse_address(peer)
     if not in_networks(client, trusted_proxies):
         return peer
-    for hop in reversed(forwarded_for(headers)):
-        address = parse_address(hop)
+    for node in reversed(forwarded_for(headers, forwarded_header)):
+        address = node_address(node)
         if address is None:
-            break                       # garbage: stop at the last proxy we trust
+            return UNKNOWN_CLIENT
         client = address
         if not in_networks(address, trusted_proxies):
             break
@@ -2573,6 +2679,7 @@ class ProtocolContext(NamedTuple):
     idle_timeout: float
     head_timeout: float
     trusted_proxies: Tuple[Network, ...]
+    forwarded_header: str
     connections: "ConnectionTable"
     access_log: "AccessLog"
     metrics: Metrics
@@ -2699,13 +2806,21 @@ class ConnectionHandler(http.server.BaseHTTPRequestHandler):
         """The request the routes see: its client judged behind trusted proxies."""
         self.close_connection = not head.keep_alive or self.context.stopping()   # stopping: this is the last
         if self.slot.trusted:
-            self.client = client_behind_proxies(self.peer, head.headers, self.context.trusted_proxies)
+            self.client = client_behind_proxies(self.peer, head.headers, self.context.trusted_proxies,
+                                                self.context.forwarded_header)
         return Request(head.method, request_path(head.target), head.headers, self.client)
 
     # Writing answers: every answer takes this one path, GET and HEAD alike --
 
     def send_answer(self, answer: Answer) -> None:
-        """The status line, the fields answer_fields chooses, then the body (none for HEAD or 304)."""
+        """The status line, the fields answer_fields chooses, then the body (none for HEAD or 304).
+
+        A file body takes one of max_downloads first, so slow downloads never hold every
+        slot: the rest are kept for short answers such as OPQ Health's.
+        """
+        if answer.file is not None and not self.slot.begin_download():
+            answer = text_answer(503, "Too many downloads at once; try again in a few seconds.", answer.route,
+                                 (("Retry-After", "5"),))
         self.route_label = answer.route
         self.send_response(answer.status)
         for name, value in answer_fields(answer):
@@ -2991,10 +3106,18 @@ REFUSALS = {
 
 
 class Slot:
-    """One admitted connection, as the ConnectionTable sees it."""
-    __slots__ = ("connection", "client", "trusted", "busy", "waiting_since", "served", "evicted")
+    """One admitted connection, as the ConnectionTable sees it.
 
-    def __init__(self, connection: socket.socket, client: str, trusted: bool) -> None:
+    Its thread (a request beginning) and the accept thread (evicting it) decide under the
+    slot's own lock, so the hand-over holds without the GIL (CPython 3.13's free-threaded
+    build has none): an uncontended lock, 0.1 to 0.15 us more a request, where the
+    ConnectionTable's lock would make every request wait on the others.
+    """
+    __slots__ = ("connection", "client", "trusted", "busy", "waiting_since", "served", "evicted", "downloading",
+                 "table", "lock")
+
+    def __init__(self, connection: socket.socket, client: str, trusted: bool,
+                 table: Optional["ConnectionTable"] = None) -> None:
         self.connection = connection
         self.client = client
         self.trusted = trusted            # a trusted proxy: exempt from the per-client cap
@@ -3002,40 +3125,68 @@ class Slot:
         self.waiting_since = time.monotonic()
         self.served = False               # answered a request before: now an idle keep-alive connection
         self.evicted = False
+        self.downloading = False          # holds one of the table's max_downloads (only its own thread writes it)
+        self.table = table
+        self.lock = threading.Lock()
 
     def begin_request(self) -> None:
         """A request from its head to its last byte: its connection is not evicted meanwhile.
 
-        No lock on this path, which every request takes: this raises busy and then looks at
-        evicted, ConnectionTable._evict_one raises evicted and then looks at busy, so under the
-        GIL at most one of them goes ahead (when they cross, both back off and the request is
-        not answered, as when a client's request meets the server's idle timeout).
+        Either this comes first and give_up refuses, or the eviction came first and the
+        request is not answered, as when a client's request meets the server's idle timeout.
         """
-        self.busy = True
-        if self.evicted:
-            raise ConnectionAbortedError(errno.ECONNABORTED, "the connection gave its slot up")
+        with self.lock:
+            if self.evicted:
+                raise ConnectionAbortedError(errno.ECONNABORTED, "the connection gave its slot up")
+            self.busy = True
+
+    def begin_download(self) -> bool:
+        """An update's bytes are about to go out: take one of max_downloads, or False when all are taken."""
+        return self.table is None or self.table.begin_download(self)
 
     def end_request(self) -> None:
-        """The answer is out: the connection idles, evictable again."""
+        """The answer is out: the connection idles, evictable again (and its download, if any, is over).
+
+        No lock needed: only this thread raises busy, under the lock in begin_request, which
+        also publishes this write before the next request begins; give_up seeing busy late
+        only keeps the slot a moment longer.
+        """
+        if self.downloading and self.table is not None:
+            self.table.end_download(self)
         self.busy, self.served, self.waiting_since = False, True, time.monotonic()
+
+    def give_up(self) -> bool:
+        """Marked evicted unless a request is in progress: the accept thread's half of the hand-over."""
+        with self.lock:
+            if self.busy:
+                return False
+            self.evicted = True
+            return True
 
 
 class ConnectionTable:
     """Who holds the server's connection slots, so that no client can take them all.
 
-    A client address may hold max_connections_per_client (trusted proxies are exempt).
-    When every slot is taken, the connection that has waited longest without a request
-    in progress gives its slot to the newcomer: an idle keep-alive one at once, one that
-    has not finished its first request head after EVICT_AFTER seconds.  Only when no
-    one can give a slot up is the newcomer refused (503).  The same lock counts the
-    requests in flight, for the graceful stop.
+    A client (an IPv4 address, an IPv6 /64) may hold max_connections_per_client (trusted
+    proxies are exempt).  When every slot is taken, the connection that has waited longest
+    without a request in progress gives its slot to the newcomer: an idle keep-alive one at
+    once, one that has not finished its first request head after EVICT_AFTER seconds.  Only
+    when no one can give a slot up is the newcomer refused (503).
+
+    Downloads may hold max_downloads slots at once; one more is answered 503, as nginx's
+    limit_conn on a download location does.  The slots left over are kept for the short
+    answers: slow readers filling the server with downloads (which are never evicted, as
+    they are answering) cannot lock OPQ Health's / out.  The same lock counts the requests
+    in flight, for the graceful stop.
     """
 
     EVICT_AFTER = 1.0
 
-    def __init__(self, max_connections: int, per_client: int) -> None:
+    def __init__(self, max_connections: int, per_client: int, max_downloads: Optional[int] = None) -> None:
         self.max_connections = max_connections
         self.per_client = per_client
+        self.max_downloads = min(max_downloads or max_connections, max_connections)
+        self.downloads = 0
         self.accepted = 0
         self.evicted = 0
         self.refused = {"full": 0, "client": 0}
@@ -3052,29 +3203,43 @@ class ConnectionTable:
             if len(self._slots) >= self.max_connections and not self._evict_one():
                 self.refused["full"] += 1
                 return "full"
-            self._slots[connection] = Slot(connection, client, trusted)
+            self._slots[connection] = Slot(connection, client, trusted, self)
             self._per_client[client] = self._per_client.get(client, 0) + 1
             self.accepted += 1
             return None
 
     def _evict_one(self) -> bool:
+        """Free the slot that has waited longest; busy is read here unlocked, and confirmed by give_up."""
         now = time.monotonic()
         waiting = [slot for slot in self._slots.values()
                    if not slot.busy and (slot.served or now - slot.waiting_since >= self.EVICT_AFTER)]
-        if not waiting:
-            return False
-        slot = min(waiting, key=lambda slot: slot.waiting_since)
-        slot.evicted = True
-        if slot.busy:               # a request began meanwhile (see Slot.begin_request)
-            slot.evicted = False
-            return False
-        self._forget(slot)
-        self.evicted += 1
-        try:
-            slot.connection.shutdown(socket.SHUT_RDWR)    # its thread sees the end of the stream and leaves
-        except OSError:
-            pass
+        while waiting:
+            slot = min(waiting, key=lambda slot: slot.waiting_since)
+            if slot.give_up():
+                self._forget(slot)
+                self.evicted += 1
+                try:
+                    slot.connection.shutdown(socket.SHUT_RDWR)    # its thread sees the end of the stream and leaves
+                except OSError:
+                    pass
+                return True
+            waiting.remove(slot)        # a request began meanwhile: it keeps its slot
+        return False
+
+    def begin_download(self, slot: Slot) -> bool:
+        """One of max_downloads for the slot; False when they are all taken."""
+        with self._lock:
+            if self.downloads >= self.max_downloads:
+                return False
+            self.downloads += 1
+        slot.downloading = True
         return True
+
+    def end_download(self, slot: Slot) -> None:
+        """The download is over, whole or cut: its place is free for the next."""
+        with self._lock:
+            self.downloads -= 1
+        slot.downloading = False
 
     def slot_of(self, connection: socket.socket) -> Slot:
         """The slot a handler thread's connection was admitted with."""
@@ -3170,15 +3335,16 @@ class BoxUpdateServer(http.server.ThreadingHTTPServer):
         self.settings = settings
         self.catalog = catalog
         self.metrics = Metrics()
-        self.connections = ConnectionTable(settings.max_connections, settings.max_connections_per_client)
+        self.connections = ConnectionTable(settings.max_connections, settings.max_connections_per_client,
+                                           settings.max_downloads)
         self.stopping = False
         self.signers_file = WatchedFile(settings.allowed_signers or "")
         self.keys_judged_at = time.time()
         self._keys_stopping = threading.Event()
         self.routes = routes(settings, catalog, self.metrics, self.connections.counts)
         self.context = ProtocolContext(settings.idle_timeout, settings.request_header_timeout,
-                                       settings.trusted_proxies, self.connections, access_log or AccessLog(),
-                                       self.metrics, lambda: self.stopping)
+                                       settings.trusted_proxies, settings.forwarded_header, self.connections,
+                                       access_log or AccessLog(), self.metrics, lambda: self.stopping)
         self.handler = handler
         if ":" in settings.host:
             self.address_family = socket.AF_INET6
@@ -3190,7 +3356,7 @@ class BoxUpdateServer(http.server.ThreadingHTTPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         address = parse_address(client_address[0])
-        client = str(address or client_address[0])
+        client = client_group(address, self.settings.ipv6_client_prefix) if address else str(client_address[0])
         trusted = in_networks(address, self.settings.trusted_proxies)
         refusal = self.connections.admit(request, client, trusted)
         if refusal is None:

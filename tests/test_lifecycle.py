@@ -66,7 +66,8 @@ class ConnectionTest(TempDirTestCase):
 
     def test_when_every_slot_is_answering_a_newcomer_gets_503(self):
         path = write_big_update(self.updates)
-        server = self.start_server(verify_updates=False, max_connections=4, max_connections_per_client=4)
+        server = self.start_server(verify_updates=False, max_connections=4, max_connections_per_client=4,
+                                   max_downloads=4)                          # no slot kept for short answers
         downloads = [SlowDownload(server.port, path, 0) for _ in range(4)]   # busy: stalled mid-download
         for download in downloads:
             download.start()
@@ -204,21 +205,19 @@ class ConnectionTest(TempDirTestCase):
 
 
 class ConnectionTableTest(unittest.TestCase):
-    """Admission without a server: the eviction race between the accept thread and a request beginning."""
+    """Admission without a server: the hand-over between the accept thread evicting and a request beginning.
+
+    Both sides decide under the slot's lock, so the hand-over holds without the GIL: the tests hold that
+    lock as the other side would and show that each side waits for it and then sees what the other did.
+    """
 
     class RacingSlot(bus.Slot):
-        """A slot whose handler raises busy at the instant _evict_one marks it evicted."""
+        """A slot whose request begins between _evict_one picking it and its hand-over."""
         __slots__ = ()
 
-        @property
-        def evicted(self):
-            return bus.Slot.evicted.__get__(self)
-
-        @evicted.setter
-        def evicted(self, value):
-            bus.Slot.evicted.__set__(self, value)
-            if value:
-                self.busy = True
+        def give_up(self):
+            self.begin_request()
+            return super().give_up()
 
     def connections(self):
         """A held connection, its client's end, and a newcomer: socket pairs closed after the test."""
@@ -242,14 +241,80 @@ class ConnectionTableTest(unittest.TestCase):
         with self.assertRaises(BlockingIOError):    # not shut down: the client sees no end of stream
             peer.recv(1)
 
+    def test_when_the_longest_waiting_slot_begins_a_request_the_next_one_gives_its_slot_up(self):
+        table = bus.ConnectionTable(2, 2)
+        first, first_peer, newcomer = self.connections()
+        second, second_peer = socket.socketpair()
+        self.addCleanup(second.close)
+        self.addCleanup(second_peer.close)
+        table.admit(first, "10.0.0.1", False)
+        table.admit(second, "10.0.0.1", False)
+        racing, idle = table.slot_of(first), table.slot_of(second)
+        racing.__class__ = self.RacingSlot
+        racing.served = idle.served = True
+        idle.waiting_since = racing.waiting_since + 1           # racing has waited longer: picked first
+        self.assertIsNone(table.admit(newcomer, "10.0.0.2", False))
+        self.assertEqual((racing.evicted, idle.evicted, table.evicted), (False, True, 1))
+        self.assertEqual(second_peer.recv(1), b"")
+
     def test_an_idle_slot_is_evicted_for_a_newcomer(self):
         table = bus.ConnectionTable(1, 1)
         held, peer, newcomer = self.connections()
         table.admit(held, "10.0.0.1", False)
-        table.slot_of(held).served = True
+        slot = table.slot_of(held)
+        slot.served = True
         self.assertIsNone(table.admit(newcomer, "10.0.0.2", False))
         self.assertEqual((table.open_count(), table.evicted), (1, 1))
         self.assertEqual(peer.recv(1), b"", "the evicted connection was shut down")
+        with self.assertRaises(ConnectionAbortedError, msg="a request arriving now is not answered"):
+            slot.begin_request()
+
+    def in_thread(self, function):
+        """Run function in a thread; return (its thread, a list that gets its result or exception)."""
+        outcome = []
+
+        def run():
+            try:
+                outcome.append(function())
+            except Exception as error:  # pylint: disable=broad-except
+                outcome.append(error)
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 5)
+        return thread, outcome
+
+    def test_a_request_beginning_waits_for_an_eviction_under_way_and_sees_it(self):
+        slot = bus.Slot(socket.socket(), "10.0.0.1", False)
+        self.addCleanup(slot.connection.close)
+        with slot.lock:                         # the accept thread, half-way through give_up
+            thread, outcome = self.in_thread(slot.begin_request)
+            thread.join(0.3)
+            self.assertTrue(thread.is_alive(), "begin_request decided without the slot's lock")
+            slot.evicted = True
+        thread.join(5)
+        self.assertIsInstance(outcome[0], ConnectionAbortedError)
+        self.assertFalse(slot.busy)
+
+    def test_an_eviction_waits_for_a_request_beginning_and_sees_it(self):
+        slot = bus.Slot(socket.socket(), "10.0.0.1", False)
+        self.addCleanup(slot.connection.close)
+        with slot.lock:                         # the connection's thread, half-way through begin_request
+            thread, outcome = self.in_thread(slot.give_up)
+            thread.join(0.3)
+            self.assertTrue(thread.is_alive(), "give_up decided without the slot's lock")
+            slot.busy = True
+        thread.join(5)
+        self.assertEqual(outcome, [False])
+        self.assertFalse(slot.evicted)
+
+    def test_a_request_that_ends_can_be_evicted_again(self):
+        slot = bus.Slot(socket.socket(), "10.0.0.1", False)
+        self.addCleanup(slot.connection.close)
+        slot.begin_request()
+        self.assertFalse(slot.give_up())
+        slot.end_request()
+        self.assertTrue(slot.give_up())
+        self.assertRaises(ConnectionAbortedError, slot.begin_request)
 
 
 class IPv6Test(TempDirTestCase):

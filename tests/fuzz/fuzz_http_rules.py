@@ -6,7 +6,8 @@ Run by .ci/run for a bounded time when atheris installs:
 Properties checked on every input: nothing raises but the documented exceptions (BadRequest with a 4xx or
 501, RangeNotSatisfiable, ArchiveError); a parsed head has a method, a target and HTTP/1.0 or 1.1; a range
 lies inside the file; only catalog entries ever resolve, and only from a path that names them; a client
-address is the peer unless the peer is a trusted proxy; tar framing never holds more than it may.
+address is the peer unless the peer is a trusted proxy, and is always an address or unknown; tar framing never
+holds more than it may.
 """
 
 import ipaddress
@@ -46,9 +47,11 @@ def test_one_input(data):
 
     head = check_head(provider.ConsumeBytes(512))
     peer = provider.PickValueInList(["10.1.2.3", "192.0.2.1", "::ffff:10.0.0.9"])
-    client = bus.client_behind_proxies(peer, head.headers if head else {"x-forwarded-for": text}, TRUSTED)
+    header = provider.PickValueInList(list(bus.FORWARDED_HEADERS))
+    client = bus.client_behind_proxies(peer, head.headers if head else {header.lower(): text}, TRUSTED, header)
     if not bus.in_networks(bus.parse_address(peer), TRUSTED):
         assert client == peer
+    assert client == bus.UNKNOWN_CLIENT or bus.parse_address(client) is not None, client
 
     try:
         selected = bus.parse_range(text, size)
