@@ -46,6 +46,7 @@ import posixpath
 import re
 import signal
 import socketserver
+import sqlite3
 import socket
 import stat
 import struct
@@ -1112,12 +1113,13 @@ class FileIdentity(NamedTuple):
     mtime_ns: int
     ctime_ns: int
     regular: bool
+    device: int = 0
 
     @classmethod
     def from_stat(cls, status: os.stat_result) -> "FileIdentity":
         """The identity an lstat or fstat result gives."""
         return cls(status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns,
-                   stat.S_ISREG(status.st_mode))
+                   stat.S_ISREG(status.st_mode), status.st_dev)
 
     @property
     def modified(self) -> int:
@@ -1502,6 +1504,73 @@ class CheckQueue:
         return bool(self._settling)
 
 
+class VerdictStore:
+    """The archive checks' verdicts, remembered in state_dir so a restart offers at once what it offered before.
+
+    A verdict is keyed by the file's whole identity (device, inode, size, modification and
+    change times), and carries the digests of the bytes it judged: any write moves the
+    change time, so a changed file is checked again.  SQLite in WAL mode: a kill -9 loses
+    at most the verdicts not yet committed, which are simply checked again.
+    """
+
+    FILE_NAME = "verdicts.sqlite3"
+
+    def __init__(self, state_dir: str) -> None:
+        self.path = os.path.join(state_dir, self.FILE_NAME)
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS verdicts (name TEXT PRIMARY KEY, device INTEGER, "
+                             "inode INTEGER, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, sha256 BLOB, "
+                             "sha512 BLOB, problem TEXT, checked INTEGER)")
+            self._db.execute("PRAGMA quick_check")
+        except sqlite3.Error as error:
+            raise SettingsError("state_dir: %s cannot be used: %s" % (self.path, error)) from None
+        self._lock = threading.Lock()
+        self.problem: Optional[str] = None
+
+    def load(self, verify: bool) -> Dict[str, Tuple[FileIdentity, ArchiveVerdict]]:
+        """Every remembered verdict by file name; with verify, only those of archives that were checked."""
+        with self._lock:
+            rows = self._db.execute("SELECT name, device, inode, size, mtime_ns, ctime_ns, sha256, sha512, problem, "
+                                    "checked FROM verdicts").fetchall()
+        remembered = {}
+        for name, device, inode, size, mtime_ns, ctime_ns, sha256, sha512, problem, checked in rows:
+            if verify and not checked:
+                continue        # hashed only, under verify_updates false: its structure was never checked
+            digests = Digests(bytes(sha256), bytes(sha512)) if sha256 and sha512 else None
+            remembered[name] = (FileIdentity(inode, size, mtime_ns, ctime_ns, True, device),
+                                ArchiveVerdict(problem, None if problem else digests))
+        return remembered
+
+    def save(self, name: str, identity: FileIdentity, verdict: ArchiveVerdict, checked: bool) -> None:
+        """Remember one verdict (checked: the archive checks ran, not just the hash); a failure is logged once
+        and leaves the server serving."""
+        digests = verdict.digests
+        try:
+            with self._lock:
+                self._db.execute("INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (
+                    name, identity.device, identity.inode, identity.size, identity.mtime_ns, identity.ctime_ns,
+                    digests.sha256 if digests else None, digests.sha512 if digests else None, verdict.problem,
+                    int(checked)))
+            self.problem = None
+        except sqlite3.Error as error:
+            if self.problem is None:
+                logger.error("cannot remember verdicts in %s: %s", self.path, error)
+            self.problem = "cannot remember verdicts in %s: %s" % (self.path, error)
+
+    def forget_all_but(self, names: Set[str]) -> None:
+        """Drop the verdicts of files no longer in the folder."""
+        try:
+            with self._lock:
+                known = [row[0] for row in self._db.execute("SELECT name FROM verdicts")]
+                self._db.executemany("DELETE FROM verdicts WHERE name = ?",
+                                     [(name,) for name in known if name not in names])
+        except sqlite3.Error as error:
+            logger.error("cannot forget old verdicts in %s: %s", self.path, error)
+
+
 class Catalog:
     """Which updates are offered: the folder's files, what checking them found, and the Snapshot requests read.
 
@@ -1520,9 +1589,11 @@ class Catalog:
     FIRST_LOOK_SECONDS = 2.0    # the start-up summary is logged by then at the latest
 
     def __init__(self, updates_dir: str, verify: bool = True,
-                 signers: Optional[Sequence[AllowedSigner]] = None) -> None:
+                 signers: Optional[Sequence[AllowedSigner]] = None, verdicts: Optional[VerdictStore] = None) -> None:
         self.updates_dir = updates_dir
         self.verify = verify
+        self.verdicts = verdicts
+        self._remembered = verdicts.load(verify) if verdicts else {}
         self.keys = Keys(0, signers)
         self.snapshot = EMPTY_SNAPSHOT
         self.checking_seconds = 0.0
@@ -1651,6 +1722,9 @@ class Catalog:
         candidate = Candidate(name, digits, identity, signature_identity)
         if known is not None and known.identity == identity:     # only the .sig changed
             candidate.digests, candidate.archive, candidate.settled = known.digests, known.archive, known.settled
+        elif name in self._remembered and self._remembered[name][0] == identity:    # judged before a restart
+            candidate.archive = self._remembered.pop(name)[1]
+            candidate.digests, candidate.settled = candidate.archive.digests, True
         self._candidates[name] = candidate
         self._record(candidate)
 
@@ -1714,6 +1788,9 @@ class Catalog:
                 self._record(candidate, digests, archive, signature)
                 if self._offer_changed or time.monotonic() - self._published_at >= self.publish_interval:
                     self._publish()
+                remember = self.verdicts is not None and archive is not None and candidate.archive is archive
+            if remember and archive is not None and self.verdicts is not None:    # off the lock: a disk write
+                self.verdicts.save(candidate.name, candidate.identity, archive, self.verify)
 
     def _check(self, candidate: Candidate, keys: Keys) -> Optional[CheckFound]:
         """The next passes a candidate needs, outside the lock; None when its file changed meanwhile.
@@ -1833,6 +1910,9 @@ class Catalog:
     def _end_first_look(self) -> None:
         """The start-up summary, once every file present at start is judged (or FIRST_LOOK_SECONDS passed)."""
         self._first_look_done = True
+        if self.verdicts is not None:
+            self._remembered = {}
+            self.verdicts.forget_all_but(set(self._candidates))
         self._publish()
         snapshot = self.snapshot
         latest = snapshot.latest

@@ -15,6 +15,7 @@ from support import (TempDirTestCase, make_update, update_members, archive_bytes
 import box_update_server as bus
 
 NO_KEYS = bus.Keys(0, None)
+REAL_CHECK = bus.check_update_archive
 
 
 class UpdateNameTest(unittest.TestCase):
@@ -454,6 +455,75 @@ class StartUpTest(TempDirTestCase):
         record("Load", "start-up with 6,000 rejected files newer than the one good update",
                "the good update offered %.2f s after start, all checked by then; %d snapshots published"
                % (offered_after, publish_.call_count))
+
+
+class RememberedVerdictsTest(CatalogTestCase):
+    """With a state folder, a restart offers at once what was offered, and checks again only what changed."""
+
+    def catalog(self, verify=True, check=None):
+        state = os.path.join(self.tmp, "state")
+        os.makedirs(state, exist_ok=True)
+        self.capture_log()
+        patch = mock.patch.object(bus, "check_update_archive", check or REAL_CHECK)
+        patch.start()
+        self.addCleanup(patch.stop)
+        catalog = bus.Catalog(self.updates, verify=verify, verdicts=bus.VerdictStore(state))
+        catalog.start()
+        self.addCleanup(catalog.stop)
+        return catalog
+
+    def test_a_restart_offers_at_once_and_rechecks_only_what_changed(self):
+        for version in (5, 6, 7):
+            make_update(self.updates, version, mtime=time.time() - 60)
+        publish(os.path.join(self.updates, "opq-box-update-8.tar.bz2"), b"BZh9 broken", mtime=time.time() - 60)
+        first = self.catalog()
+        self.assertTrue(wait_until(lambda: first.snapshot.waiting == 0 and first.snapshot.rejected == 1, 10))
+        first.stop()
+        offered = [update.name for update in first.snapshot.updates]
+        rewritten = make_update(self.updates, 6, mtime=time.time() - 60)     # a new file under the same name
+        checked = []
+        release = threading.Event()
+        self.addCleanup(release.set)
+
+        def blocking_check(fileobj, digits, *args, **kwargs):
+            checked.append(int(digits))
+            release.wait(30)
+            return REAL_CHECK(fileobj, digits, *args, **kwargs)
+
+        started = time.monotonic()
+        second = self.catalog(check=blocking_check)
+        self.assertEqual([update.name for update in second.snapshot.updates], [offered[0], offered[2]])
+        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertEqual(second.snapshot.rejected, 1, "a remembered rejection stands")
+        self.assertTrue(wait_until(lambda: checked == [6], 5), checked)
+        release.set()
+        self.assertTrue(wait_until(lambda: len(second.snapshot.updates) == 3, 10))
+        with open(rewritten, "rb") as archive:
+            self.assertEqual(second.snapshot.by_name[os.path.basename(rewritten)].sha256,
+                             hashlib.sha256(archive.read()).digest())
+
+    def test_a_hash_remembered_without_verification_is_no_verdict_with_it(self):
+        make_update(self.updates, 5, mtime=time.time() - 60)
+        first = self.catalog(verify=False)
+        self.assertTrue(wait_until(lambda: first.snapshot.latest and first.snapshot.latest.sha256, 10))
+        first.stop()
+        checked = []
+
+        def recording_check(fileobj, digits, *args, **kwargs):
+            checked.append(int(digits))
+            return REAL_CHECK(fileobj, digits, *args, **kwargs)
+
+        second = self.catalog(verify=True, check=recording_check)
+        self.assertTrue(wait_until(lambda: second.snapshot.latest is not None, 10))
+        self.assertEqual(checked, [5])
+
+    def test_a_corrupt_state_file_is_a_configuration_error(self):
+        state = os.path.join(self.tmp, "state")
+        os.mkdir(state)
+        with open(os.path.join(state, bus.VerdictStore.FILE_NAME), "wb") as corrupt:
+            corrupt.write(b"not a database" * 100)
+        with self.assertRaisesRegex(bus.SettingsError, "state_dir: .* cannot be used"):
+            bus.VerdictStore(state)
 
 
 if __name__ == "__main__":

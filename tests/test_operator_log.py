@@ -26,7 +26,8 @@ class EventsTest(TempDirTestCase):
         self.assertNotIn("offered opq-box-update-5", server.log(), "the summary stands for the first look")
 
         path = make_update(self.updates, 8, mtime=time.time() - 60)
-        digest = bus.hash_update_file(open(path, "rb")).sha256.hex()
+        with open(path, "rb") as archive:
+            digest = bus.hash_update_file(archive).sha256.hex()
         self.assertTrue(wait_until(lambda: "offered opq-box-update-8.tar.bz2: VERSION 8, SHA-256 %s" % digest
                                    in server.log(), 5), server.log())
         self.assertTrue(wait_until(lambda: "the newest update is now opq-box-update-8.tar.bz2 "
