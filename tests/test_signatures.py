@@ -541,6 +541,93 @@ class AllowedSignersTests(unittest.TestCase):
             self.assertTrue(warning.endswith("signatures by this key are refused"), warning)
 
 
+class LoadAllowedSignersTests(unittest.TestCase):
+    """load_allowed_signers: the file as OpenSSH reads it, the principals the boxes use, and when it is an error."""
+
+    def setUp(self):
+        self.folder = tempfile.mkdtemp(prefix="allowed-signers-test-")
+        self.addCleanup(shutil.rmtree, self.folder)
+        self.path = os.path.join(self.folder, "allowed_signers")
+
+    def load(self, content, principals=()):
+        with open(self.path, "wb") as out:
+            out.write(content.encode("utf-8", "surrogateescape") if isinstance(content, str) else content)
+        return sig.load_allowed_signers(self.path, principals)
+
+    def assert_unusable(self, content, principals=(), reason="lists no usable key"):
+        with self.assertRaises(sig.SettingsError) as caught:
+            self.load(content, principals)
+        self.assertIn(reason, str(caught.exception))
+        self.assertIn(self.path, str(caught.exception))
+        return str(caught.exception)
+
+    def test_usable_keys_and_a_warning_for_each_line_that_is_not(self):
+        loaded = self.load("ops@example.org cert-authority {0}\n"
+                           "ops@example.org {0}\n"
+                           'test@example.org valid-after="2025" {1}\n'
+                           "test@example.org {1}\n"
+                           "ec@example.org {2}\n"
+                           "!ops@example.org {0}\n".format(FIXTURE_ED25519_KEY, FIXTURE_RSA_KEY,
+                                                            key_line("", "ecdsa-sha2-nistp256", ECDSA_BLOB)))
+        self.assertIsInstance(loaded, sig.AllowedSigners)
+        self.assertEqual([signer.line for signer in loaded.signers], [2, 4, 5])
+        self.assertEqual([warning.split(":")[0] for warning in loaded.warnings],
+                         ["line 1", "line 3", "line 5", "line 6"])
+        self.assertIn("cert-authority", loaded.warnings[0])
+        self.assertIn('invalid "valid-after" time', loaded.warnings[1])
+        self.assertIn("unsupported key type", loaded.warnings[2])
+        self.assertIn("listed for '!ops@example.org', which no ssh-keygen -Y verify -I matches", loaded.warnings[3])
+
+    def test_principals_the_boxes_verify_with(self):
+        text = "ops@example.org %s\n*@test.example.org %s\n" % (FIXTURE_ED25519_KEY, FIXTURE_RSA_KEY)
+        loaded = self.load(text, ["ops@example.org"])
+        self.assertEqual([signer.line for signer in loaded.signers], [1])
+        self.assertEqual(loaded.warnings, ["line 2: listed for '*@test.example.org', which ssh-keygen -Y verify -I "
+                                           "ops@example.org never matches; ignored"])
+        self.assertEqual([signer.line for signer in self.load(text, ["a@test.example.org"]).signers], [2])
+        self.assertEqual(len(self.load(text, ["x@y", "a@test.example.org", "ops@example.org"]).signers), 2)
+        self.assertEqual(len(self.load(text).signers), 2)
+        self.assert_unusable(text, ["nobody@example.org"])
+
+    def test_a_file_with_no_usable_key_is_an_error(self):
+        self.assert_unusable("")
+        self.assert_unusable("# only a comment\n\n")
+        message = self.assert_unusable("ops@example.org cert-authority %s\n" % FIXTURE_ED25519_KEY)
+        self.assertIn("line 1: cert-authority", message)
+        self.assert_unusable("ec@example.org %s\n" % key_line("", "ecdsa-sha2-nistp256", ECDSA_BLOB))
+        self.assert_unusable("small@example.org %s\n" % key_line("", "ssh-rsa", RSA_1024_BLOB))
+        self.assert_unusable("!ops@example.org %s\n" % FIXTURE_ED25519_KEY)
+        self.assert_unusable("# revoked\rops@example.org %s\n" % FIXTURE_ED25519_KEY)   # not universal newlines
+        with self.assertRaises(sig.SettingsError) as caught:
+            sig.load_allowed_signers(os.path.join(self.folder, "missing"))
+        self.assertIn("cannot be read: No such file or directory", str(caught.exception))
+        with self.assertRaises(sig.SettingsError) as caught:
+            sig.load_allowed_signers(self.folder)
+        self.assertIn("cannot be read", str(caught.exception))
+
+    def test_bytes_that_are_not_utf_8_do_not_matter(self):
+        loaded = self.load(b"# \xff\xfe Latin-1 comment\n\xe9@example.org " + FIXTURE_ED25519_KEY.encode() + b"\n"
+                           + b"ops@example.org " + FIXTURE_ED25519_KEY.encode())
+        self.assertEqual([signer.line for signer in loaded.signers], [2, 3])
+
+
+class SignerPrincipalsSettingTests(unittest.TestCase):
+    """signer_principals in BOX_UPDATE_SERVER_SETTINGS."""
+
+    def test_read_and_checked(self):
+        settings, warnings = sig.parse_settings('{"port": 80, "updates_dir": "/u"}')
+        self.assertEqual(settings.signer_principals, ())
+        settings, warnings = sig.parse_settings(
+            '{"port": 80, "updates_dir": "/u", "signer_principals": ["ops@example.org", "*"]}')
+        self.assertEqual((settings.signer_principals, warnings), (("ops@example.org", "*"), []))
+        self.assertEqual(sig.Settings._fields[-1], "signer_principals")
+        for value in ('"ops@example.org"', '[""]', "[7]", '["a\\nb"]', '["a\\u0000b"]', "{}"):
+            with self.subTest(value):
+                with self.assertRaises(sig.SettingsError) as caught:
+                    sig.parse_settings('{"port": 80, "updates_dir": "/u", "signer_principals": %s}' % value)
+                self.assertIn("signer_principals must be a list of principal names", str(caught.exception))
+
+
 class ParseSshsigTests(unittest.TestCase):
     """parse_sshsig on PROTOCOL.sshsig armor and blobs."""
 
@@ -1180,6 +1267,72 @@ class SignedUpdatesTest(TempDirTestCase):
         self.assertRegex(lines[0], r"^OK        [0-9a-f]{64}  %s  signed by ops@example.org$" % good)
         self.assertEqual(lines[1], "REJECTED  %s: signature: no listed key made this signature" % stranger)
         self.assertIn("REJECTED  %s: signature: the .sig cannot be read" % unsigned, lines[2])
+
+
+    def test_check_with_principals_as_the_boxes_verify(self):
+        ed25519, rsa = self.build(1700000001), self.build(1700000002, "rsa")
+        finished = subprocess.run([python_executable(), SERVER, "check", "--allowed-signers", self.allowed,
+                                   "--principal", "ops@example.org", ed25519, rsa], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(finished.returncode, 1)
+        lines = finished.stdout.decode().splitlines()
+        self.assertRegex(lines[0], r"^OK        [0-9a-f]{64}  %s  signed by ops@example.org$" % ed25519)
+        self.assertEqual(lines[1], "REJECTED  %s: signature: no listed key made this signature" % rsa)
+        self.assertIn("line 3: listed for 'rsa-ops@example.org', which ssh-keygen -Y verify -I ops@example.org "
+                      "never matches; ignored", finished.stderr.decode())
+        both = subprocess.run([python_executable(), SERVER, "check", "--allowed-signers", self.allowed, "--principal",
+                               "nobody@x", "--principal", "rsa-ops@example.org", rsa], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual(both.returncode, 0, both.stdout)
+        self.assertTrue(both.stdout.decode().endswith("  signed by rsa-ops@example.org\n"), both.stdout)
+        alone = subprocess.run([python_executable(), SERVER, "check", "--principal", "ops@example.org", ed25519],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        self.assertEqual((alone.returncode, alone.stdout), (1, b""))
+        self.assertEqual(alone.stderr, b"box_update_server: error: check: --principal needs --allowed-signers\n")
+
+    def test_signer_principals_leave_keys_of_other_principals_unused(self):
+        self.publish_built(self.build(1700000001, "ed25519"))
+        self.publish_built(self.build(1700000002, "rsa"))
+        server = self.start(signer_principals=["ops@example.org"])
+        self.assertTrue(wait_until(lambda: server.health()["info"].count("rejected") == 1, 20), server.health())
+        self.assertEqual(server.get("/ls").body, b"opq-box-update-1700000001.tar.bz2")
+        self.assertIn("line 3: listed for 'rsa-ops@example.org', which ssh-keygen -Y verify -I ops@example.org never "
+                      "matches; ignored", server.log())
+        self.assertIn("rejected opq-box-update-1700000002.tar.bz2: signature: no listed key made this signature",
+                      server.log())
+
+    def test_lines_openssh_skips_are_skipped_and_named_at_start(self):
+        self.write_allowed("ops@example.org cert-authority %s\n" % self.keys["rsa"][1],
+                           'rsa-ops@example.org valid-after="20250132" %s\n' % self.keys["rsa"][1],
+                           "ops@example.org %s\n" % self.keys["ed25519"][1])
+        self.publish_built(self.build(1700000001, "ed25519"))
+        server = self.start()
+        self.assertEqual(server.get("/ls").body, b"opq-box-update-1700000001.tar.bz2")
+        self.assertIn("line 2: cert-authority: certificates are not supported; skipped, as ssh-keygen skips it",
+                      server.log())
+        self.assertIn('line 3: bad options: invalid "valid-after" time', server.log())
+
+    def test_armor_a_box_would_refuse_is_refused(self):
+        variants = {1700000001: (b"\n", b"\r\n", "the BEGIN line ends in CR LF"),
+                    1700000002: (b"-----BEGIN", b"\n-----BEGIN", "something (a blank line, spaces) before the BEGIN"),
+                    1700000003: (b"SIGNATURE-----\n", b"SIGNATURE----- \n", "space or tab after the BEGIN line"),
+                    1700000004: (b"\n-----END", b"\n  -----END", "the END line is indented")}
+        for version, (old, new, _) in variants.items():
+            built = self.build(version)
+            with open(built + ".sig", "rb") as signature:
+                armored = signature.read()
+            with open(built + ".sig", "wb") as signature:
+                signature.write(armored.replace(old, new, 1 if old != b"\n" else -1))
+            self.publish_built(built)
+        self.publish_built(self.build(1700000000))
+        server = self.start()
+        self.assertTrue(wait_until(lambda: "%d file(s)" % len(variants) in server.health()["info"], 20),
+                        server.health())
+        self.assertEqual(server.get("/ls").body, b"opq-box-update-1700000000.tar.bz2")
+        for version, (_, _, reason) in variants.items():
+            with self.subTest(reason):
+                self.assertIn("rejected opq-box-update-%d.tar.bz2: signature: malformed armor: %s" % (version, reason),
+                              server.log())
 
 
 def readme_block(after):
