@@ -181,6 +181,30 @@ def rsa_blob(exponent=ssh_mpint(65537), modulus=ssh_mpint((1 << 2047) + 1)):
     return ssh_string(b"ssh-rsa") + exponent + modulus
 
 
+def small_rsa_key(bits=2048):
+    """(n, e, d) of a fresh RSA key, made here so that a test can sign what ssh-keygen would not."""
+    def probable_prime(size):
+        while True:
+            candidate = int.from_bytes(os.urandom(size // 8), "big") | (3 << (size - 2)) | 1
+            if all(candidate % small for small in (3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37)) and all(
+                    pow(base, candidate - 1, candidate) == 1 for base in (2, 3, 5, 7, 11)):
+                return candidate
+    while True:
+        p, q = probable_prime(bits // 2), probable_prime(bits // 2)
+        phi = (p - 1) * (q - 1)
+        if phi % 65537:
+            return p * q, 65537, modular_inverse(65537, phi)
+
+
+def modular_inverse(value, modulus):
+    """value ** -1 mod modulus (Python 3.7 has no pow(value, -1, modulus))."""
+    old, new, old_t, new_t = modulus, value % modulus, 0, 1
+    while new:
+        quotient = old // new
+        old, new, old_t, new_t = new, old - quotient * new, new_t, old_t - quotient * new_t
+    return old_t % modulus
+
+
 LINE_1 = " (allowed_signers line 1)"
 ECDSA_BLOB = ssh_string(b"ecdsa-sha2-nistp256") + ssh_string(b"nistp256") + ssh_string(b"\x04" + bytes(range(64)))
 RSA_1024_BLOB = rsa_blob(modulus=ssh_mpint((1 << 1023) + 1))
@@ -360,6 +384,25 @@ class AllowedSignersTests(unittest.TestCase):
                 os.environ["TZ"] = saved
             time.tzset()
         self.assertEqual(signer.valid_before, calendar.timegm((2024, 1, 2, 8, 4, 0, 0, 0, 0)))
+
+    @unittest.skipUnless(hasattr(time, "tzset"), "needs time.tzset to change the local time zone")
+    def test_local_times_in_summer_are_standard_time(self):
+        """misc.c parse_absolute_time() leaves tm_isdst 0: mktime(3) reads a summer wall clock as standard time,
+        an hour later than the wall clock shows (checked against ssh-keygen in the differential suite)."""
+        saved = os.environ.get("TZ")
+        os.environ["TZ"] = "CET-1CEST,M3.5.0,M10.5.0/3"    # Central Europe: UTC+1, UTC+2 in summer
+        time.tzset()
+        try:
+            summer, = signers_of('a@b valid-after="20240701120000" %s' % FIXTURE_ED25519_KEY)
+            winter, = signers_of('a@b valid-after="20240101120000" %s' % FIXTURE_ED25519_KEY)
+        finally:
+            if saved is None:
+                del os.environ["TZ"]
+            else:
+                os.environ["TZ"] = saved
+            time.tzset()
+        self.assertEqual(summer.valid_after, calendar.timegm((2024, 7, 1, 11, 0, 0)))
+        self.assertEqual(winter.valid_after, calendar.timegm((2024, 1, 1, 11, 0, 0)))
 
     def test_lines_openssh_skips_are_skipped_with_a_warning_naming_them(self):
         """sshsig.c check_allowed_keys_line() skips a line it cannot read and goes on: so does the server."""
@@ -851,6 +894,28 @@ class VerifyTests(unittest.TestCase):
         relabelled = self.rsa._replace(signature=ssh_string(b"rsa-sha2-256") + ssh_string(raw))
         self.assert_refused("bad signature (allowed_signers line 2)", relabelled)  # the label picks the hash that is checked
 
+    def test_principals_the_boxes_verify_for(self):
+        """ssh-keygen -Y verify -I <principal>: only a line whose principals match it can allow the signature."""
+        def verify(principals, listed="alice@example.com"):
+            return sig.verify_sshsig(self.ed25519, digest_of(self.ed25519, FIXTURE_MESSAGE),
+                                     signers_of("%s %s" % (listed, FIXTURE_ED25519_KEY)), NAMESPACE,
+                                     principals=principals)
+        self.assertEqual(verify(["alice@example.com"]), "alice@example.com")
+        self.assertEqual(verify(["x@y", "alice@example.com"]), "alice@example.com")
+        self.assertEqual(verify(["alice@example.com"], "*@example.com"), "alice@example.com")
+        self.assertEqual(verify([], "*@example.com,!bob@example.com"), "*@example.com")
+        for principals, listed, reason in (
+                (["bob@example.com"], "alice@example.com",
+                 "the key is listed for 'alice@example.com', not for 'bob@example.com'"),
+                (["bob@example.com", "carol@example.com"], "*@example.com,!bob@example.com,!carol@example.com",
+                 "the key is listed for '*@example.com,!bob@example.com,!carol@example.com', not for "
+                 "'bob@example.com', 'carol@example.com'"),
+                ([], "!alice@example.com", "the key is listed for no principal")):
+            with self.subTest(listed):
+                with self.assertRaises(sig.SignatureError) as caught:
+                    verify(principals, listed)
+                self.assertEqual(str(caught.exception), reason + LINE_1)
+
     def test_malformed_signature_blobs(self):
         raw = read_strings(self.ed25519.signature)[1]
         for what, changed in (("trailing data", self.ed25519.signature + b"\0"),
@@ -862,6 +927,28 @@ class VerifyTests(unittest.TestCase):
                 self.assertTrue(str(caught.exception).startswith("malformed signature: "))
         short = ssh_string(b"ssh-ed25519") + ssh_string(raw[:63])
         self.assert_refused("bad signature" + LINE_1, self.ed25519._replace(signature=short))
+
+    def test_an_rsa_signature_shorter_than_the_modulus_is_padded_as_openssh_pads_it(self):
+        """ssh-rsa.c ssh_rsa_verify(): a signature with its leading zero bytes left off still verifies."""
+        modulus, exponent, private = small_rsa_key()
+        key_blob = ssh_string(b"ssh-rsa") + ssh_mpint(exponent) + ssh_mpint(modulus)
+        signer = signers_of(key_line("r@x", "ssh-rsa", key_blob))
+        for attempt in range(4000):     # a digest whose signature starts with a zero byte: 1 in 256
+            digest = hashlib.sha512(b"%d" % attempt).digest()
+            signed = (b"SSHSIG" + ssh_string(NAMESPACE.encode()) + ssh_string(b"") + ssh_string(b"sha512")
+                      + ssh_string(digest))
+            block = (b"\0\1" + b"\xff" * (256 - 3 - 19 - 64) + b"\0" + bytes.fromhex("3051300d060960864801650304020305000440")
+                     + hashlib.sha512(signed).digest())
+            raw = pow(int.from_bytes(block, "big"), private, modulus).to_bytes(256, "big")
+            if raw[0] == 0:
+                break
+        signature = sig.SshSignature(key_blob, NAMESPACE, "sha512", ssh_string(b"rsa-sha2-512") + ssh_string(raw))
+        self.assertEqual(sig.verify_sshsig(signature, digest, signer, NAMESPACE), "r@x")
+        stripped = signature._replace(signature=ssh_string(b"rsa-sha2-512") + ssh_string(raw[1:]))
+        self.assertEqual(sig.verify_sshsig(stripped, digest, signer, NAMESPACE), "r@x")
+        longer = signature._replace(signature=ssh_string(b"rsa-sha2-512") + ssh_string(b"\0" + raw))
+        with self.assertRaises(sig.SignatureError):
+            sig.verify_sshsig(longer, digest, signer, NAMESPACE)
 
     def test_reserved_field_is_ignored(self):
         """PROTOCOL.sshsig §2: ignore it; ssh-keygen accepts such a signature too."""
