@@ -26,7 +26,6 @@ import base64
 import bz2
 import calendar
 import contextlib
-import datetime
 import email.utils
 import errno
 import fcntl
@@ -1339,6 +1338,7 @@ def load_allowed_signers(path: str, principals: Sequence[str] = ()) -> AllowedSi
                             % (path, "".join("; " + warning for warning in warnings[:3])))
     return AllowedSigners(signers, warnings)
 
+
 # ---------------------------------------------------------------------------
 # 4. Catalog
 # ---------------------------------------------------------------------------
@@ -1904,7 +1904,6 @@ class Catalog:
             path=os.path.join(self.updates_dir, candidate.name), identity=candidate.identity,
             checked=self.verify or signed, sha256=digests.sha256 if digests else None,
             signature=signature.armored if signature else None, signer=signature.signer if signature else None)
-
 
 
 # ---------------------------------------------------------------------------
@@ -3127,7 +3126,6 @@ class BoxUpdateServer(http.server.ThreadingHTTPServer):
         logger.info("SIGHUP: rescanned %s%s", self.settings.updates_dir,
                     " and read %d key(s) from %s" % (len(signers or ()), self.settings.allowed_signers)
                     if self.settings.allowed_signers else "")
-
 
 
 def make_server(settings: Settings, access_log: Optional[AccessLog] = None) -> BoxUpdateServer:

@@ -461,7 +461,8 @@ class AllowedSignersTests(unittest.TestCase):
 
     def test_a_skipped_line_does_not_hide_the_others(self):
         text = "\n".join(("*@x cert-authority " + FIXTURE_ED25519_KEY, 'a@b valid-after="2024" ' + FIXTURE_RSA_KEY,
-                          "alice@example.com " + FIXTURE_ED25519_KEY, "bob@example.com unknown-option " + FIXTURE_RSA_KEY))
+                          "alice@example.com " + FIXTURE_ED25519_KEY,
+                          "bob@example.com unknown-option " + FIXTURE_RSA_KEY))
         parsed = sig.parse_allowed_signers(text)
         self.assertEqual([signer.line for signer in parsed.signers], [3])
         self.assertEqual([warning.split(":")[0] for warning in parsed.warnings], ["line 1", "line 2", "line 4"])
@@ -610,8 +611,8 @@ class LoadAllowedSignersTests(unittest.TestCase):
                            'test@example.org valid-after="2025" {1}\n'
                            "test@example.org {1}\n"
                            "ec@example.org {2}\n"
-                           "!ops@example.org {0}\n".format(FIXTURE_ED25519_KEY, FIXTURE_RSA_KEY,
-                                                            key_line("", "ecdsa-sha2-nistp256", ECDSA_BLOB)))
+                           "!ops@example.org {0}\n".format(
+                               FIXTURE_ED25519_KEY, FIXTURE_RSA_KEY, key_line("", "ecdsa-sha2-nistp256", ECDSA_BLOB)))
         self.assertIsInstance(loaded, sig.AllowedSigners)
         self.assertEqual([signer.line for signer in loaded.signers], [2, 4, 5])
         self.assertEqual([warning.split(":")[0] for warning in loaded.warnings],
@@ -836,8 +837,7 @@ class VerifyTests(unittest.TestCase):
 
     def test_an_unlisted_key_is_refused(self):
         rfc_key = bytes.fromhex(RFC_8032_VECTORS[0][1])
-        others = signers_of(key_line("x@y", "ssh-ed25519", ssh_string(b"ssh-ed25519")
-                                                    + ssh_string(rfc_key)))
+        others = signers_of(key_line("x@y", "ssh-ed25519", ssh_string(b"ssh-ed25519") + ssh_string(rfc_key)))
         self.assert_refused("no listed key made this signature", self.ed25519, others)
         self.assert_refused("no listed key made this signature", self.ed25519, [])
         self.assert_refused("no listed key made this signature", self.rsa, self.signers[:1])
@@ -892,7 +892,8 @@ class VerifyTests(unittest.TestCase):
         algorithm, raw = read_strings(self.rsa.signature)
         self.assertEqual(algorithm, b"rsa-sha2-512")
         relabelled = self.rsa._replace(signature=ssh_string(b"rsa-sha2-256") + ssh_string(raw))
-        self.assert_refused("bad signature (allowed_signers line 2)", relabelled)  # the label picks the hash that is checked
+        # the label picks the hash that is checked
+        self.assert_refused("bad signature (allowed_signers line 2)", relabelled)
 
     def test_principals_the_boxes_verify_for(self):
         """ssh-keygen -Y verify -I <principal>: only a line whose principals match it can allow the signature."""
@@ -937,8 +938,8 @@ class VerifyTests(unittest.TestCase):
             digest = hashlib.sha512(b"%d" % attempt).digest()
             signed = (b"SSHSIG" + ssh_string(NAMESPACE.encode()) + ssh_string(b"") + ssh_string(b"sha512")
                       + ssh_string(digest))
-            block = (b"\0\1" + b"\xff" * (256 - 3 - 19 - 64) + b"\0" + bytes.fromhex("3051300d060960864801650304020305000440")
-                     + hashlib.sha512(signed).digest())
+            digest_info = bytes.fromhex("3051300d060960864801650304020305000440") + hashlib.sha512(signed).digest()
+            block = b"\0\1" + b"\xff" * (256 - 3 - len(digest_info)) + b"\0" + digest_info
             raw = pow(int.from_bytes(block, "big"), private, modulus).to_bytes(256, "big")
             if raw[0] == 0:
                 break
@@ -957,7 +958,7 @@ class VerifyTests(unittest.TestCase):
 
     def test_unsupported_keys_are_refused(self):
         signers = signers_of(key_line("e@x", "ecdsa-sha2-nistp256", ECDSA_BLOB) + "\n"
-                                            + key_line("r@x", "ssh-rsa", RSA_1024_BLOB))
+                             + key_line("r@x", "ssh-rsa", RSA_1024_BLOB))
         dummy = ssh_string(b"rsa-sha2-512") + ssh_string(bytes(128))
         ecdsa = self.ed25519._replace(public_key=ECDSA_BLOB, signature=dummy)
         self.assert_refused("unsupported key type 'ecdsa-sha2-nistp256'" + LINE_1, ecdsa, signers)
@@ -1107,7 +1108,8 @@ class SshKeygenTests(unittest.TestCase):
     def test_rsa_1024_is_too_small(self):
         armored = self.sign("rsa1024")
         allowed = "small@example.com %s\n" % self.key("rsa1024")[1]
-        self.assertEqual(self.ours(allowed, armored), "refused: RSA key of 1024 bits is too small (2048 at least)" + LINE_1)
+        self.assertEqual(self.ours(allowed, armored),
+                         "refused: RSA key of 1024 bits is too small (2048 at least)" + LINE_1)
         self.assertEqual(len(sig.unsupported_signers(signers_of(allowed))), 1)
         self.assertTrue(self.keygen_accepts(allowed, "small@example.com", armored))  # OpenSSH's floor is 1024
 
@@ -1354,7 +1356,6 @@ class SignedUpdatesTest(TempDirTestCase):
         self.assertRegex(lines[0], r"^OK        [0-9a-f]{64}  %s  signed by ops@example.org$" % good)
         self.assertEqual(lines[1], "REJECTED  %s: signature: no listed key made this signature" % stranger)
         self.assertIn("REJECTED  %s: signature: the .sig cannot be read" % unsigned, lines[2])
-
 
     def test_check_with_principals_as_the_boxes_verify(self):
         ed25519, rsa = self.build(1700000001), self.build(1700000002, "rsa")
