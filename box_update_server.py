@@ -558,8 +558,8 @@ def check_update_archive(fileobj: BinaryIO, version_text: str) -> Digests:
 #     the Ed25519 (RFC 8032) or RSA (RFC 8017, rsa-sha2-256/512) signature itself.
 # Deliberately stricter than OpenSSH: only Ed25519 keys and RSA keys of 2048 bits or more are verified (ECDSA,
 # DSA, security keys, certificates and RSA keys no key generator makes, with an even exponent, are refused), an
-# Ed25519 S must be below L (RFC 8032 §5.1.7; OpenSSH's ref10 code checks only its top 3 bits), and a .sig holds
-# at most 64 KiB.
+# Ed25519 S must be below L and A and R canonical (RFC 8032 §5.1.7; OpenSSH's ref10 code checks only S's top 3
+# bits), and a .sig holds at most 64 KiB.
 
 SIGNATURE_NAMESPACE = "opq-box-update"     # what operators pass to ssh-keygen -Y sign -n
 
