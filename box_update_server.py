@@ -622,6 +622,7 @@ _KEY_TYPE_NAMES = dict([(name, name) for name in _KNOWN_KEY_TYPES] + [
 _C_SPACE = " \t\n\v\f\r"       # isspace() in the C locale: what OpenSSH's base64 decoder b64_pton() skips
 _MISC_WHITESPACE = " \t\r\n"   # misc.c WHITESPACE: what ends an allowed_signers principals field
 _PATTERN_MAX = 1023            # match.c match_pattern_list(): a longer sub-pattern fails the whole list
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 # misc.c parse_absolute_time() hands YYYY-MM-DD[THH:MM[:SS]] to glibc strptime(): each field is optional
 # white space then digits, in the range strptime allows (%S up to 61, leap seconds); mktime/timegm normalise.
 _TIME_FIELDS = ((4, 0, 9999), (2, 1, 12), (2, 1, 31), (2, 0, 23), (2, 0, 59), (2, 0, 61))
@@ -1202,7 +1203,7 @@ def _parse_signer_options(text: str) -> Tuple[bool, Dict[str, str], Dict[str, in
     values: Dict[str, str] = {}
     times: Dict[str, int] = {}
     while index < len(text) and text[index] not in " \t":
-        head = text[index:index + 15].lower() if text[index:index + 15].isascii() else ""
+        head = text[index:index + 15].translate(_ASCII_LOWER)   # strncasecmp() folds only ASCII
         if head.startswith("cert-authority"):   # opt_flag(): a prefix, compared case-insensitively
             certificate_authority, index = True, index + len("cert-authority")
         else:

@@ -428,6 +428,8 @@ class AllowedSignersTests(unittest.TestCase):
             ("*@example.com CERT-AUTHORITY,namespaces=\"x\" " + key, "cert-authority"),
             ("alice@example.com no-touch-required " + key, "bad options: unknown key option"),
             ("alice@example.com cert-authorityX " + key, "bad options: unknown key option"),
+            ("alice@example.com \u0130namespaces=\"x\" " + key, "bad options: unknown key option"),
+            ("alice@example.com namespaces\u212a=\"x\" " + key, "bad options: unknown key option"),
             ("alice@example.com namespaces=file " + key, "bad options: missing start quote"),
             ('alice@example.com namespaces="a", ' + key, "bad options: unexpected end-of-options"),
             ('alice@example.com namespaces="a"' + key, "invalid key"),
@@ -485,6 +487,9 @@ class AllowedSignersTests(unittest.TestCase):
              (None, calendar.timegm((2030, 1, 1, 0, 0, 0))), ed25519_blob),
             ('a@b namespaces="x y,a\\"b" ' + key, ("a@b",), ("x y", 'a"b'), (None, None), ed25519_blob),
             ('a@b namespaces="" ' + key, ("a@b",), ("",), (None, None), ed25519_blob),
+            ('a@b NameSpaces="\u00e9,opq-box-update" ' + key, ("a@b",), ("\u00e9", "opq-box-update"), (None, None),
+             ed25519_blob),
+            ('a@b namespaces="\u212a" ' + key, ("a@b",), ("\u212a",), (None, None), ed25519_blob),
             ('a@b valid-after="20250230Z" ' + key, ("a@b",), None, (calendar.timegm((2025, 3, 2, 0, 0, 0)), None),
              ed25519_blob),
             ('a@b valid-after="2025 1 1Z" ' + key, ("a@b",), None, (calendar.timegm((2025, 1, 1, 0, 0, 0)), None),
@@ -894,6 +899,26 @@ class VerifyTests(unittest.TestCase):
         relabelled = self.rsa._replace(signature=ssh_string(b"rsa-sha2-256") + ssh_string(raw))
         # the label picks the hash that is checked
         self.assert_refused("bad signature (allowed_signers line 2)", relabelled)
+
+    def test_the_policy_and_the_cryptography_apart(self):
+        """check_allowed_signers (sshsig_check_allowed_keys) picks the line; verify_signature (sshsig_wrap_verify)
+        checks the signature whoever made it."""
+        text = 'a@b namespaces="file" {0}\nc@d {0}\n'.format(FIXTURE_ED25519_KEY)
+        signer, principal = sig.check_allowed_signers(self.ed25519.public_key, signers_of(text), NAMESPACE,
+                                                      time.time())
+        self.assertEqual((signer.line, principal), (2, "c@d"))
+        with self.assertRaises(sig.SignatureError) as caught:
+            sig.check_allowed_signers(self.ed25519.public_key, signers_of(text), NAMESPACE, time.time(), ["a@b"])
+        self.assertEqual(str(caught.exception), "the key is not allowed for namespace 'opq-box-update' "
+                                                "(allowed_signers line 1); the key is listed for 'c@d', not for "
+                                                "'a@b' (allowed_signers line 2)")
+        self.assertEqual(sig.allowed_signer_refusal(signer, "file", time.time(), ["x@y"]),
+                         "the key is listed for 'c@d', not for 'x@y'")
+        self.assertIsNone(sig.allowed_signer_refusal(signer, "file", time.time()))
+        sig.verify_signature(self.ed25519, digest_of(self.ed25519, FIXTURE_MESSAGE), NAMESPACE)   # no keys needed
+        with self.assertRaises(sig.SignatureError) as caught:
+            sig.verify_signature(self.ed25519, digest_of(self.ed25519, b"other"), NAMESPACE)
+        self.assertEqual(str(caught.exception), "bad signature")
 
     def test_principals_the_boxes_verify_for(self):
         """ssh-keygen -Y verify -I <principal>: only a line whose principals match it can allow the signature."""

@@ -210,6 +210,7 @@ class SignatureDifferentialTest(unittest.TestCase):
             "namespaces negated": 'ops@example.org namespaces="*,!opq-box-update" %s' % ops,
             "namespaces other": 'ops@example.org namespaces="file,git" %s' % ops,
             "namespaces empty": 'ops@example.org namespaces="" %s' % ops,
+            "namespaces not ascii": 'ops@example.org namespaces="\u00e9t\u00e9,opq-box-update" %s' % ops,
             "namespaces too long after": 'ops@example.org namespaces="opq-box-update,%s" %s' % ("x" * 1023, ops),
             "namespaces longest after": 'ops@example.org namespaces="opq-box-update,%s" %s' % ("x" * 1022, ops),
             "namespaces too long before": 'ops@example.org namespaces="%s,opq-box-update" %s' % ("x" * 1030, ops),
