@@ -27,7 +27,6 @@ import base64
 import bz2
 import calendar
 import contextlib
-import datetime
 import email.utils
 import errno
 import fcntl
@@ -102,6 +101,7 @@ class Settings(NamedTuple):
     max_downloads: int = 950                # downloads at once; the other slots are kept for short answers
     ipv6_client_prefix: int = 64            # an IPv6 client is its /64 (one home, one site) for the per-client cap
     forwarded_header: str = "X-Forwarded-For"   # the header the trusted proxies name the client in, or "Forwarded"
+    signer_principals: Tuple[str, ...] = ()  # what boxes pass to ssh-keygen -Y verify -I; () means any listed
 
 
 REQUIRED_KEYS = ("port", "updates_dir")
@@ -154,6 +154,7 @@ def parse_settings(text: Optional[str], cwd: str = ".") -> Tuple[Settings, List[
         max_downloads=optional("max_downloads", _count_setting, default_max_downloads(max_connections)),
         ipv6_client_prefix=optional("ipv6_client_prefix", _ipv6_prefix_setting, default.ipv6_client_prefix),
         forwarded_header=optional("forwarded_header", _forwarded_header_setting, default.forwarded_header),
+        signer_principals=optional("signer_principals", _principals_setting, default.signer_principals),
     )
     if settings.max_downloads > settings.max_connections:
         raise SettingsError("max_downloads (%d) must not exceed max_connections (%d)"
@@ -266,6 +267,15 @@ def _forwarded_header_setting(key: str, value: object) -> str:
         if isinstance(value, str) and value.lower() == name.lower():
             return name
     raise SettingsError("%s must be %s, not %r" % (key, " or ".join(map(repr, FORWARDED_HEADERS)), value))
+
+
+def _principals_setting(key: str, value: object) -> Tuple[str, ...]:
+    """Principal names, each as a box passes it to ``ssh-keygen -Y verify -I``; empty means any listed."""
+    if not isinstance(value, list) or not all(
+            isinstance(item, str) and item and not set(item) & set("\0\r\n") for item in value):
+        raise SettingsError("%s must be a list of principal names (as boxes pass to ssh-keygen -Y verify -I), not %r"
+                            % (key, value))
+    return tuple(value)
 
 
 def check_updates_dir(path: str) -> None:
@@ -606,9 +616,17 @@ def check_update_archive(fileobj: BinaryIO, version_text: str) -> Digests:
 # ---------------------------------------------------------------------------
 # 3. Signatures
 # ---------------------------------------------------------------------------
-# OpenSSH signatures (``ssh-keygen -Y sign``, PROTOCOL.sshsig) checked against an allowed_signers
-# file (ssh-keygen(1) "ALLOWED SIGNERS"), in pure Python: Ed25519 (RFC 8032) and RSA (RFC 8017,
-# rsa-sha2-256/512) keys are verified; any other key type is refused.
+# OpenSSH signatures (``ssh-keygen -Y sign``, PROTOCOL.sshsig) checked against an allowed_signers file
+# (ssh-keygen(1) "ALLOWED SIGNERS"), in pure Python, to the verdict a box's ``ssh-keygen -Y verify -I <principal>``
+# (OpenSSH 9.2) reaches on the same bytes.  Two layers, as OpenSSH's sshsig.c has them:
+#   the policy (sshsig_check_allowed_keys): which allowed_signers line lists the key, and whether that line allows
+#     the boxes' principal, the namespace and the moment;
+#   the cryptography (sshsig_dearmor, sshsig_wrap_verify): armor, blob, namespace, hash, signature algorithm, and
+#     the Ed25519 (RFC 8032) or RSA (RFC 8017, rsa-sha2-256/512) signature itself.
+# Deliberately stricter than OpenSSH: only Ed25519 keys and RSA keys of 2048 bits or more are verified (ECDSA,
+# DSA, security keys, certificates and RSA keys no key generator makes, with an even exponent, are refused), an
+# Ed25519 S must be below L and A and R canonical (RFC 8032 §5.1.7; OpenSSH's ref10 code checks only S's top 3
+# bits), and a .sig holds at most 64 KiB.
 
 SIGNATURE_NAMESPACE = "opq-box-update"     # what operators pass to ssh-keygen -Y sign -n
 
@@ -618,19 +636,25 @@ class SignatureError(Exception):
 
 
 class AllowedSigner(NamedTuple):
-    """One line of an allowed_signers file."""
-    principals: Tuple[str, ...]
-    namespaces: Optional[Tuple[str, ...]]  # None: any namespace
-    valid_after: Optional[float]  # epoch seconds
-    valid_before: Optional[float]
+    """One line of an allowed_signers file that OpenSSH reads as a key."""
+    principals: Tuple[str, ...]            # an OpenSSH pattern list, matched against ssh-keygen -Y verify -I
+    namespaces: Optional[Tuple[str, ...]]  # a pattern list; None: any namespace
+    valid_after: Optional[int]   # epoch seconds, whole as OpenSSH's; never 0 (OpenSSH refuses 0)
+    valid_before: Optional[int]
     key_type: str
-    key_blob: bytes
+    key_blob: bytes              # in its shortest encoding, so that one key has one blob
     line: int
+
+
+class AllowedSigners(NamedTuple):
+    """What an allowed_signers file lists: the keys, and a warning for each line skipped or never usable."""
+    signers: List[AllowedSigner]
+    warnings: List[str]
 
 
 class SshSignature(NamedTuple):
     """The fields of a PROTOCOL.sshsig §2 blob that verification needs."""
-    public_key: bytes
+    public_key: bytes  # in its shortest encoding, as AllowedSigner.key_blob
     namespace: str
     hash_algorithm: str
     signature: bytes  # string sig-algorithm, string sig-bytes
@@ -638,8 +662,9 @@ class SshSignature(NamedTuple):
 
 MAX_SIGNATURE_BYTES = 64 * 1024
 _MIN_RSA_BITS = 2048
-_ARMOR_BEGIN = "-----BEGIN SSH SIGNATURE-----"
-_ARMOR_END = "-----END SSH SIGNATURE-----"
+_OPENSSH_RSA_BITS = (1024, 16384)   # OpenSSH sshkey_check_rsa_length(): a key outside cannot even be read
+_ARMOR_BEGIN = b"-----BEGIN SSH SIGNATURE-----\n"   # sshsig.c BEGIN_SIGNATURE, line end included
+_ARMOR_END = b"\n-----END SSH SIGNATURE-----"       # sshsig_dearmor() looks for END_SIGNATURE after a \n
 _MAGIC_PREAMBLE = b"SSHSIG"
 _HASH_ALGORITHMS = ("sha256", "sha512")  # PROTOCOL.sshsig §2
 # PROTOCOL.sshsig §2: RSA must sign with SHA-2, never the SHA-1 "ssh-rsa" algorithm (RFC 8332).
@@ -651,15 +676,27 @@ _DIGEST_INFO_PREFIXES = {
 }
 _PLAIN_KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ssh-dss", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
                     "ecdsa-sha2-nistp521", "sk-ecdsa-sha2-nistp256@openssh.com", "sk-ssh-ed25519@openssh.com")
-# Every type OpenSSH can read from a key line, so an unsupported one is kept (and refused later), not an error.
 _KNOWN_KEY_TYPES = frozenset(_PLAIN_KEY_TYPES + tuple(
     name.partition("@")[0] + "-cert-v01@openssh.com" for name in _PLAIN_KEY_TYPES))
-_PRINCIPALS_FIELD = re.compile(r'(?:"([^"]*)"|([^ \t"]+))(?=[ \t]|$)')  # OpenSSH strdelimw(): may be quoted
-# ssh-keygen(1) ALLOWED SIGNERS options; inside quotes \" stands for " (OpenSSH misc.c opt_dequote()).
-_OPTION = re.compile(r'(cert-authority)|(namespaces|valid-after|valid-before)="((?:[^"\\]|\\"|\\(?!"))*)"',
-                     re.IGNORECASE)
-_TIMESTAMP = re.compile(r"([0-9]{8}|[0-9]{12}|[0-9]{14})(Z|UTC)?", re.IGNORECASE)
+# The names OpenSSH 9.2's sshkey_read() takes before a key (its keyimpls[]), each with the type of blob it must
+# hold: the RSA signature algorithm names also name an RSA key.  A type that is read but not verified here is
+# kept, so that its signatures are refused with the reason rather than the line skipped.
+_KEY_TYPE_NAMES = dict([(name, name) for name in _KNOWN_KEY_TYPES] + [
+    ("rsa-sha2-256", "ssh-rsa"), ("rsa-sha2-512", "ssh-rsa"),
+    ("rsa-sha2-256-cert-v01@openssh.com", "ssh-rsa-cert-v01@openssh.com"),
+    ("rsa-sha2-512-cert-v01@openssh.com", "ssh-rsa-cert-v01@openssh.com"),
+    ("webauthn-sk-ecdsa-sha2-nistp256@openssh.com", "sk-ecdsa-sha2-nistp256@openssh.com")])
+_C_SPACE = " \t\n\v\f\r"       # isspace() in the C locale: what OpenSSH's base64 decoder b64_pton() skips
+_MISC_WHITESPACE = " \t\r\n"   # misc.c WHITESPACE: what ends an allowed_signers principals field
+_PATTERN_MAX = 1023            # match.c match_pattern_list(): a longer sub-pattern fails the whole list
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+# misc.c parse_absolute_time() hands YYYY-MM-DD[THH:MM[:SS]] to glibc strptime(): each field is optional
+# white space then digits, in the range strptime allows (%S up to 61, leap seconds); mktime/timegm normalise.
+_TIME_FIELDS = ((4, 0, 9999), (2, 1, 12), (2, 1, 31), (2, 0, 23), (2, 0, 59), (2, 0, 61))
+_TIME_FIELD = re.compile("[ \t\n\v\f\r]*([0-9]+)")
 
+
+# The cryptography ------------------------------------------------------------
 
 class _SshWireReader:
     """Reads RFC 4251 §5 data types from a blob; running short or leaving bytes over is a ValueError."""
@@ -696,12 +733,12 @@ class _SshWireReader:
             raise ValueError("text field is not UTF-8") from None
 
     def mpint(self) -> int:
-        """A non-negative mpint in its shortest encoding, which is the only one OpenSSH accepts."""
+        """A non-negative mpint; leading zero bytes are skipped, as OpenSSH's sshbuf_get_bignum2() skips them."""
         raw = self.string()
         if raw[:1] >= b"\x80":
             raise ValueError("negative mpint")
-        if raw[:1] == b"\x00" and raw[1:2] < b"\x80":
-            raise ValueError("mpint with a needless leading zero")
+        if len(raw) > 2049 or (len(raw) == 2049 and raw[0]):    # SSHBUF_MAX_BIGNUM + 1
+            raise ValueError("mpint too large")
         return int.from_bytes(raw, "big")
 
     def finish(self) -> None:
@@ -715,33 +752,53 @@ def _ssh_string(data: bytes) -> bytes:
     return len(data).to_bytes(4, "big") + data
 
 
+def _ssh_mpint(value: int) -> bytes:
+    """RFC 4251 §5 mpint of a non-negative integer, in its shortest encoding."""
+    return _ssh_string(value.to_bytes(value.bit_length() // 8 + 1, "big") if value else b"")
+
+
 def _shown(text: str) -> str:
     """Quotes and escapes untrusted text for a log line, cut to a sane length."""
     return ascii(text[:64])
 
 
-def _strict_base64(text: str) -> bytes:
-    """Decodes base64 with padding and nothing else, so that one blob has one spelling."""
-    decoded = base64.b64decode(text, validate=True)  # binascii.Error is a ValueError
-    if base64.b64encode(decoded).decode("ascii") != text:
+def _openssh_base64(text: str) -> bytes:
+    """Base64 as OpenSSH's b64_pton() decodes it: C white space anywhere is skipped; otherwise padded,
+    with zero spare bits (so one blob has one spelling); ValueError if not."""
+    compact = re.sub("[%s]" % _C_SPACE, "", text)
+    decoded = base64.b64decode(compact, validate=True)  # binascii.Error is a ValueError
+    if base64.b64encode(decoded).decode("ascii") != compact:
         raise ValueError("non-canonical base64")
     return decoded
 
 
-def _key_type(key_blob: bytes) -> str:
-    """The type name that starts every SSH public key blob (RFC 4253 §6.6)."""
-    return _SshWireReader(key_blob).text()
+def _read_public_key(blob: bytes) -> Tuple[str, bytes]:
+    """(type, blob in its shortest encoding) of an SSH public key blob, read as OpenSSH's sshkey_from_blob()
+    reads it; ValueError if OpenSSH could not read it.  Types not verified here are kept as they are."""
+    reader = _SshWireReader(blob)
+    key_type = reader.text()
+    if key_type == "ssh-ed25519":       # RFC 8709 §4
+        key = reader.string()
+        reader.finish()
+        if len(key) != 32:
+            raise ValueError("Ed25519 key is not 32 bytes")
+        return key_type, blob
+    if key_type == "ssh-rsa":           # RFC 4253 §6.6: string type, mpint e, mpint n
+        exponent = reader.mpint()
+        modulus = reader.mpint()
+        reader.finish()
+        if not _OPENSSH_RSA_BITS[0] <= modulus.bit_length() <= _OPENSSH_RSA_BITS[1]:
+            raise ValueError("RSA key of %d bits (OpenSSH reads %d to %d)"
+                             % ((modulus.bit_length(),) + _OPENSSH_RSA_BITS))
+        return key_type, _ssh_string(b"ssh-rsa") + _ssh_mpint(exponent) + _ssh_mpint(modulus)
+    if key_type not in _KNOWN_KEY_TYPES:
+        raise ValueError("unknown key type %s" % _shown(key_type))
+    return key_type, blob
 
 
 def _ed25519_public_key(key_blob: bytes) -> bytes:
-    """The 32-byte key of an "ssh-ed25519" blob (RFC 8709 §4)."""
-    reader = _SshWireReader(key_blob)
-    reader.string()
-    key = reader.string()
-    reader.finish()
-    if len(key) != 32:
-        raise ValueError("Ed25519 key is not 32 bytes")
-    return key
+    """The 32-byte key of an "ssh-ed25519" blob that _read_public_key read (RFC 8709 §4)."""
+    return key_blob[-32:]
 
 
 def _rsa_public_numbers(key_blob: bytes) -> Tuple[int, int]:
@@ -749,150 +806,70 @@ def _rsa_public_numbers(key_blob: bytes) -> Tuple[int, int]:
     reader = _SshWireReader(key_blob)
     reader.string()
     exponent = reader.mpint()
-    modulus = reader.mpint()
-    reader.finish()
-    if exponent < 3 or exponent % 2 == 0 or modulus % 2 == 0:
-        raise ValueError("impossible RSA key")
-    return modulus, exponent
+    return reader.mpint(), exponent
 
 
 def _key_refusal(key_type: str, key_blob: bytes) -> Optional[str]:
     """Why every signature by this key is refused, or None if it can be verified."""
     if key_type == "ssh-rsa":
-        bits = _rsa_public_numbers(key_blob)[0].bit_length()
-        if bits < _MIN_RSA_BITS:
-            return "RSA key of %d bits is too small (%d at least)" % (bits, _MIN_RSA_BITS)
+        modulus, exponent = _rsa_public_numbers(key_blob)
+        if exponent < 3 or exponent % 2 == 0 or modulus % 2 == 0:
+            return "impossible RSA key"
+        if modulus.bit_length() < _MIN_RSA_BITS:
+            return "RSA key of %d bits is too small (%d at least)" % (modulus.bit_length(), _MIN_RSA_BITS)
         return None
     if key_type != "ssh-ed25519":
         return "unsupported key type " + _shown(key_type)
     return None
 
 
-def _parse_timestamp(value: str) -> float:
-    """YYYYMMDD[HHMM[SS]][Z|UTC]: UTC with the suffix, else local time (OpenSSH misc.c parse_absolute_time())."""
-    match = _TIMESTAMP.fullmatch(value)
-    if not match:
-        raise ValueError("bad time %s" % _shown(value))
-    digits = match.group(1).ljust(14, "0")
+def _armor_refusal(armored: bytes) -> str:
+    """Why sshsig_dearmor() finds no BEGIN line at the very start, in the operator's terms."""
+    first_line = armored.split(b"\n", 1)[0]
+    if first_line.rstrip(b" \t\r") == _ARMOR_BEGIN[:-1]:
+        if first_line.endswith(b"\r"):
+            return "the BEGIN line ends in CR LF (OpenSSH reads only LF line ends)"
+        return "space or tab after the BEGIN line"
+    if armored.lstrip().startswith(_ARMOR_BEGIN[:-1]):
+        return "something (a blank line, spaces) before the BEGIN line"
+    return "no BEGIN line"
+
+
+def dearmor_sshsig(armored: bytes) -> bytes:
+    """The blob inside PROTOCOL.sshsig §1 armor, read exactly as OpenSSH's sshsig_dearmor() reads it, so that
+    every .sig the server accepts (and serves as it is) is one a box's ssh-keygen accepts.
+
+    That is: BEGIN and a line feed at the very start; the base64 up to the first line feed followed by the END
+    marker (what follows it is not read); white space inside the base64 is skipped.  Every other variant is a
+    SignatureError naming it."""
+    if len(armored) > MAX_SIGNATURE_BYTES:
+        raise SignatureError("malformed armor: more than %d bytes" % MAX_SIGNATURE_BYTES)
+    if not armored.startswith(_ARMOR_BEGIN):
+        raise SignatureError("malformed armor: " + _armor_refusal(armored))
+    end = armored.find(_ARMOR_END, len(_ARMOR_BEGIN))
+    if end < 0:
+        indented = re.search(rb"\n[ \t]+-----END SSH SIGNATURE-----", armored)
+        raise SignatureError("malformed armor: " + ("the END line is indented" if indented else "no END line"))
+    body = armored[len(_ARMOR_BEGIN):end]
+    if b"\0" in body[:-1]:      # sshbuf_dup_string(): a NUL is allowed only as the last byte
+        raise SignatureError("malformed armor: NUL byte")
     try:
-        moment = datetime.datetime(int(digits[:4]), int(digits[4:6]), int(digits[6:8]),
-                                   int(digits[8:10]), int(digits[10:12]), int(digits[12:]))
-        if match.group(2):
-            return float(calendar.timegm(moment.timetuple()))
-        return time.mktime(moment.timetuple())  # tm_isdst -1: the zone's rule for that date, as mktime(3)
-    except (ValueError, OverflowError):
-        raise ValueError("bad time %s" % _shown(value)) from None
-
-
-def _parse_options(text: str) -> Tuple[Dict[str, str], str]:
-    """Splits comma-separated options off the front of `text`; returns them and what follows."""
-    options: Dict[str, str] = {}
-    position = 0
-    while True:
-        match = _OPTION.match(text, position)
-        if not match:
-            raise ValueError("unknown option or key type at %s" % _shown(text[position:]))
-        name = (match.group(1) or match.group(2)).lower()
-        if name == "cert-authority":
-            raise ValueError("cert-authority: certificates are not supported")
-        if name in options:
-            raise ValueError("%s given twice" % name)
-        options[name] = match.group(3).replace('\\"', '"')
-        position = match.end()
-        if not text.startswith(",", position):
-            break
-        position += 1
-    rest = text[position:]
-    if rest[:1] not in ("", " ", "\t"):
-        raise ValueError("unknown option or key type at %s" % _shown(rest))
-    return options, rest.lstrip(" \t")
-
-
-def _parse_signer_line(line: str, number: int) -> AllowedSigner:
-    """One non-comment line: principals [options] keytype base64-key [comment]."""
-    match = _PRINCIPALS_FIELD.match(line)
-    if not match:
-        raise ValueError("malformed principals")
-    principals = tuple((match.group(2) if match.group(1) is None else match.group(1)).split(","))
-    if "" in principals:
-        raise ValueError("empty principal")
-    rest = line[match.end():].lstrip(" \t")
-    options: Dict[str, str] = {}
-    fields = re.split("[ \t]+", rest, maxsplit=2)
-    if rest and fields[0] not in _KNOWN_KEY_TYPES:  # as OpenSSH: not a key, so options come first
-        options, rest = _parse_options(rest)
-        fields = re.split("[ \t]+", rest, maxsplit=2)
-    if len(fields) < 2:
-        raise ValueError("missing key")
-    key_type = fields[0]
-    if key_type not in _KNOWN_KEY_TYPES:
-        raise ValueError("unknown key type %s" % _shown(key_type))
-    try:
-        key_blob = _strict_base64(fields[1])
-        if _key_type(key_blob) != key_type:
-            raise ValueError("is not of type " + key_type)
-        if key_type == "ssh-ed25519":
-            _ed25519_public_key(key_blob)
-        elif key_type == "ssh-rsa":
-            _rsa_public_numbers(key_blob)
-    except ValueError as error:
-        raise ValueError("malformed key: %s" % error) from None
-    valid_after = _parse_timestamp(options["valid-after"]) if "valid-after" in options else None
-    valid_before = _parse_timestamp(options["valid-before"]) if "valid-before" in options else None
-    if valid_after is not None and valid_before is not None and valid_before <= valid_after:
-        raise ValueError("valid-before is not after valid-after")
-    namespaces = tuple(options["namespaces"].split(",")) if "namespaces" in options else None
-    return AllowedSigner(principals, namespaces, valid_after, valid_before, key_type, key_blob, number)
-
-
-def parse_allowed_signers(text: str) -> List[AllowedSigner]:
-    """Reads an allowed_signers file (ssh-keygen(1) ALLOWED SIGNERS); a bad line is a ValueError naming it."""
-    signers = []
-    for number, raw_line in enumerate(text.split("\n"), 1):  # not splitlines(): only \n ends a line for OpenSSH
-        line = raw_line.strip(" \t\r")
-        if not line or line.startswith("#"):
-            continue
-        try:
-            signers.append(_parse_signer_line(line, number))
-        except ValueError as error:
-            raise ValueError("line %d: %s" % (number, error)) from None
-    return signers
-
-
-def unsupported_signers(signers: Sequence[AllowedSigner]) -> List[str]:
-    """A warning for each listed key whose signatures will always be refused, for the operator at start-up."""
-    warnings = []
-    for signer in signers:
-        reason = _key_refusal(signer.key_type, signer.key_blob)
-        if reason:
-            warnings.append("line %d: %s; signatures by this key are refused" % (signer.line, reason))
-    return warnings
+        return _openssh_base64(body.rstrip(b"\0").decode("ascii"))
+    except ValueError:          # UnicodeDecodeError is a ValueError
+        raise SignatureError("malformed armor: bad base64") from None
 
 
 def parse_sshsig(armored: bytes) -> SshSignature:
-    """Reads an armored signature (PROTOCOL.sshsig §1 armor around the §2 blob)."""
-    if len(armored) > MAX_SIGNATURE_BYTES:
-        raise SignatureError("malformed armor: more than %d bytes" % MAX_SIGNATURE_BYTES)
-    try:
-        lines = [line.strip() for line in armored.decode("ascii").strip().split("\n")]
-    except UnicodeDecodeError:
-        raise SignatureError("malformed armor: not ASCII") from None
-    if lines[0] != _ARMOR_BEGIN:
-        raise SignatureError("malformed armor: no BEGIN line")
-    if len(lines) < 2 or lines[-1] != _ARMOR_END:
-        raise SignatureError("malformed armor: no END line")
-    try:
-        blob = _strict_base64("".join(lines[1:-1]))
-    except ValueError:
-        raise SignatureError("malformed armor: bad base64") from None
+    """Reads an armored signature (PROTOCOL.sshsig §1 armor around the §2 blob) as OpenSSH 9.2 reads it."""
+    blob = dearmor_sshsig(armored)
     try:
         reader = _SshWireReader(blob)
         if reader.take(len(_MAGIC_PREAMBLE)) != _MAGIC_PREAMBLE:
             raise ValueError("no SSHSIG preamble")
         version = reader.uint32()
-        if version != 1:
+        if version > 1:     # sshsig_parse_preamble() refuses only versions above SIG_VERSION (1)
             raise ValueError("version %d" % version)
-        public_key = reader.string()
+        public_key = _read_public_key(reader.string())[1]
         namespace = reader.text()
         reader.string()  # reserved: PROTOCOL.sshsig §2 says to ignore it; the signed data has it empty
         hash_algorithm = reader.text()
@@ -907,23 +884,9 @@ def parse_sshsig(armored: bytes) -> SshSignature:
     return SshSignature(public_key, namespace, hash_algorithm, signature)
 
 
-def _pattern_list_matches(value: str, patterns: Sequence[str]) -> bool:
-    """OpenSSH match_pattern_list(): * and ? wildcards; a matching !pattern vetoes; else any match wins."""
-    matched = False
-    for pattern in patterns:
-        negated = pattern.startswith("!")
-        regex = "".join(".*" if char == "*" else "." if char == "?" else re.escape(char)
-                        for char in pattern[negated:])
-        if re.fullmatch(regex, value, re.DOTALL):
-            if negated:
-                return False
-            matched = True
-    return matched
-
-
 def _check_signature(key_blob: bytes, signed_data: bytes, signature_blob: bytes) -> None:
     """Raises SignatureError unless the key's signature over signed_data is good."""
-    key_type = _key_type(key_blob)
+    key_type = _read_public_key(key_blob)[0]
     refusal = _key_refusal(key_type, key_blob)
     if refusal:
         raise SignatureError(refusal)
@@ -939,40 +902,30 @@ def _check_signature(key_blob: bytes, signed_data: bytes, signature_blob: bytes)
         if algorithm not in _RSA_SIGNATURE_HASHES:
             raise SignatureError("signature algorithm %s is not accepted" % _shown(algorithm))
         modulus, exponent = _rsa_public_numbers(key_blob)
+        size = (modulus.bit_length() + 7) // 8
+        # OpenSSH ssh-rsa.c ssh_rsa_verify(): a signature shorter than the modulus is padded with leading zeros.
+        signature = signature.rjust(size, b"\0")
         good = rsa_pkcs1v15_verify(modulus, exponent, _RSA_SIGNATURE_HASHES[algorithm], signed_data, signature)
     if not good:
         raise SignatureError("bad signature")
 
 
-def verify_sshsig(signature: SshSignature, message_digest: bytes, signers: Sequence[AllowedSigner],
-                  namespace: str, now: Optional[float] = None) -> str:
-    """Returns the principals of the listed key that made this signature, or raises SignatureError.
+def verify_signature(signature: SshSignature, message_digest: bytes, namespace: str) -> None:
+    """The cryptography alone (OpenSSH sshsig_wrap_verify()): raises SignatureError unless signature.public_key
+    signed this digest of the message for this namespace.  Which keys are trusted is the policy's question.
 
     A message_digest of the wrong size for signature.hash_algorithm is the caller's bug: ValueError."""
     if signature.namespace != namespace:
         raise SignatureError("signed for namespace %s, not %s" % (_shown(signature.namespace), _shown(namespace)))
     if len(message_digest) != hashlib.new(signature.hash_algorithm).digest_size:
         raise ValueError("message_digest is not a %s digest" % signature.hash_algorithm)
-    moment = time.time() if now is None else now
-    refusals = []
-    for signer in signers:
-        if not hmac.compare_digest(signer.key_blob, signature.public_key):
-            continue
-        if signer.namespaces is not None and not _pattern_list_matches(namespace, signer.namespaces):
-            refusals.append("the key is not allowed for namespace " + _shown(namespace))
-        elif ((signer.valid_after is not None and moment < signer.valid_after)
-              or (signer.valid_before is not None and moment > signer.valid_before)):
-            refusals.append("the key is outside its valid-after/valid-before window")
-        else:
-            # PROTOCOL.sshsig §3: the data the key signed; the reserved field is always empty here.
-            signed_data = (_MAGIC_PREAMBLE + _ssh_string(namespace.encode("utf-8")) + _ssh_string(b"")
-                           + _ssh_string(signature.hash_algorithm.encode("ascii")) + _ssh_string(message_digest))
-            try:
-                _check_signature(signature.public_key, signed_data, signature.signature)
-            except ValueError as error:
-                raise SignatureError("malformed signature: %s" % error) from None
-            return ",".join(signer.principals)
-    raise SignatureError(refusals[0] if refusals else "no listed key made this signature")
+    # PROTOCOL.sshsig §3: the data the key signed; the reserved field is always empty here.
+    signed_data = (_MAGIC_PREAMBLE + _ssh_string(namespace.encode("utf-8")) + _ssh_string(b"")
+                   + _ssh_string(signature.hash_algorithm.encode("ascii")) + _ssh_string(message_digest))
+    try:
+        _check_signature(signature.public_key, signed_data, signature.signature)
+    except ValueError as error:
+        raise SignatureError("malformed signature: %s" % error) from None
 
 
 # Ed25519 (RFC 8032 §5.1): points are extended coordinates (X, Y, Z, T), x = X/Z, y = Y/Z, x*y = T/Z.
@@ -1096,6 +1049,363 @@ def rsa_pkcs1v15_verify(modulus: int, exponent: int, hash_name: str, message: by
         return False
     expected = b"\x00\x01" + b"\xff" * padding_size + b"\x00" + digest_info  # RFC 8017 §9.2 step 5
     return hmac.compare_digest(pow(representative, exponent, modulus).to_bytes(size, "big"), expected)
+
+
+# The allowed_signers policy --------------------------------------------------
+
+def _match_pattern(text: bytes, pattern: bytes) -> bool:
+    """OpenSSH match.c match_pattern(): * matches any bytes, ? one byte; in time linear in both lengths."""
+    position, index, star, resume = 0, 0, -1, 0
+    while position < len(text):
+        if index < len(pattern) and pattern[index] == 42:        # *
+            star, resume, index = index, position, index + 1
+        elif index < len(pattern) and pattern[index] in (63, text[position]):    # ? or the same byte
+            position, index = position + 1, index + 1
+        elif star >= 0:
+            resume += 1
+            position, index = resume, star + 1
+        else:
+            return False
+    return pattern[index:].strip(b"*") == b""
+
+
+def _match_pattern_list(text: str, patterns: Sequence[str]) -> int:
+    """OpenSSH match.c match_pattern_list() on the comma-separated list: -1 when a !pattern matches first,
+    1 when a pattern matched, else 0; a sub-pattern of 1023 bytes or more fails the list where it stands."""
+    raw = ",".join(patterns).encode("utf-8", "surrogateescape")
+    subject = text.encode("utf-8", "surrogateescape")
+    matched, index = 0, 0
+    while index < len(raw):     # not split(","): like OpenSSH, a trailing comma adds no empty pattern
+        negated = raw[index:index + 1] == b"!"
+        index += negated
+        end = raw.find(b",", index)
+        end = len(raw) if end < 0 else end
+        if end - index >= _PATTERN_MAX:
+            return 0
+        if _match_pattern(subject, raw[index:end]):
+            if negated:
+                return -1
+            matched = 1
+        index = end + 1
+    return matched
+
+
+def signer_principal(signer: AllowedSigner, principals: Sequence[str] = ()) -> Optional[str]:
+    """The principal under which a box's ``ssh-keygen -Y verify -I <principal>`` finds this line (sshsig.c
+    parse_principals_key_and_options(): match_pattern_list(principal, the line's principals) == 1), or None.
+
+    `principals` are the names the boxes pass to -I: the first that matches is returned.  With none given, any
+    principal will do: the line's own names that would match, joined by commas, so a line that lists only
+    negations (or names it also negates) is never usable, as it is for every -I."""
+    if principals:
+        return next((name for name in principals if _match_pattern_list(name, signer.principals) == 1), None)
+    own = [name for name in signer.principals
+           if name and not name.startswith("!") and _match_pattern_list(name, signer.principals) == 1]
+    return ",".join(own) or None
+
+
+def signer_valid_at(signer: AllowedSigner, when: float) -> bool:
+    """Whether the line's valid-after/valid-before allow a signature checked at `when` (epoch seconds): as
+    sshsig.c check_allowed_keys_line(), in whole seconds, valid-after <= t <= valid-before."""
+    second = int(when // 1)
+    return ((signer.valid_after is None or second >= signer.valid_after)
+            and (signer.valid_before is None or second <= signer.valid_before))
+
+
+def next_validity_boundary(signers: Sequence[AllowedSigner], now: float) -> Optional[float]:
+    """The first instant after `now` at which signer_valid_at changes for any of these lines (a valid-after
+    arrives, or the second after a valid-before passes), or None if none ever will."""
+    boundaries = [float(signer.valid_after) for signer in signers if signer.valid_after is not None]
+    boundaries += [float(signer.valid_before + 1) for signer in signers if signer.valid_before is not None]
+    return min((moment for moment in boundaries if moment > now), default=None)
+
+
+def allowed_signer_refusal(signer: AllowedSigner, namespace: str, when: float,
+                           principals: Sequence[str] = ()) -> Optional[str]:
+    """Why this line, which lists the signing key, does not allow the signature (its principals, namespaces or
+    validity window, checked as sshsig.c check_allowed_keys_line() checks them), or None if it does."""
+    if signer_principal(signer, principals) is None:
+        return ("the key is listed for %s, not for %s" % (_shown(",".join(signer.principals)), ", ".join(
+            _shown(name) for name in principals)) if principals else "the key is listed for no principal")
+    if signer.namespaces is not None and _match_pattern_list(namespace, signer.namespaces) != 1:
+        return "the key is not allowed for namespace " + _shown(namespace)
+    if not signer_valid_at(signer, when):
+        return "the key is outside its valid-after/valid-before window"
+    return None
+
+
+def check_allowed_signers(public_key: bytes, signers: Sequence[AllowedSigner], namespace: str, when: float,
+                          principals: Sequence[str] = ()) -> Tuple[AllowedSigner, str]:
+    """The policy alone (OpenSSH sshsig_check_allowed_keys()): the first line that lists this key and allows it
+    for one of the principals, the namespace and the moment, with the principal that matched.  SignatureError
+    otherwise, naming each line that lists the key and why it does not allow it."""
+    refusals = []
+    for signer in signers:
+        if not hmac.compare_digest(signer.key_blob, public_key):
+            continue
+        refusal = allowed_signer_refusal(signer, namespace, when, principals)
+        if refusal is None:
+            return signer, signer_principal(signer, principals) or ""
+        refusals.append("%s (allowed_signers line %d)" % (refusal, signer.line))
+    raise SignatureError("; ".join(refusals) if refusals else "no listed key made this signature")
+
+
+def verify_sshsig(signature: SshSignature, message_digest: bytes, signers: Sequence[AllowedSigner],
+                  namespace: str, now: Optional[float] = None, principals: Sequence[str] = ()) -> str:
+    """Returns the principal a box verifies this signature under (see signer_principal), or raises
+    SignatureError: the policy picks the allowed_signers line, the cryptography checks the signature.
+
+    A message_digest of the wrong size for signature.hash_algorithm is the caller's bug: ValueError."""
+    if signature.namespace != namespace:
+        raise SignatureError("signed for namespace %s, not %s" % (_shown(signature.namespace), _shown(namespace)))
+    signer, principal = check_allowed_signers(signature.public_key, signers, namespace,
+                                              time.time() if now is None else now, principals)
+    try:
+        verify_signature(signature, message_digest, namespace)
+    except SignatureError as error:
+        raise SignatureError("%s (allowed_signers line %d)" % (error, signer.line)) from None
+    return principal
+
+
+# Reading allowed_signers (ssh-keygen(1) ALLOWED SIGNERS, as OpenSSH 9.2's sshsig.c reads it) ---------------
+
+def _strdelimw(text: str) -> Tuple[Optional[str], Optional[str]]:
+    """misc.c strdelimw(): the first word (a part in double quotes may hold spaces) and the text after it and
+    the white space that follows; None for either where OpenSSH gets NULL (an unclosed quote, no more text)."""
+    delimiter = re.search('[ \t\r\n"]', text)
+    if delimiter is None:
+        return text, None
+    start = delimiter.start()
+    if text[start] != '"':
+        return text[:start], text[start + 1:].lstrip(_MISC_WHITESPACE)
+    text = text[:start] + text[start + 1:]
+    close = text.find('"', start)
+    if close < 0:
+        return None, None
+    return text[:close], text[close + 1:].lstrip(_MISC_WHITESPACE)
+
+
+def _read_key(text: str) -> Tuple[str, bytes]:
+    """sshkey.c sshkey_read(): "keytype base64 [comment]" to (type, shortest blob); ValueError if not a key."""
+    type_end = re.search("[ \t]", text)
+    if type_end is None:
+        raise ValueError("no key")
+    name = text[:type_end.start()]
+    if name not in _KEY_TYPE_NAMES:
+        raise ValueError("unknown key type %s" % _shown(name))
+    encoded = re.split("[ \t]", text[type_end.start():].lstrip(" \t"), maxsplit=1)[0]
+    if not encoded:
+        raise ValueError("no key after %s" % name)
+    key_type, key_blob = _read_public_key(_openssh_base64(encoded))
+    if key_type != _KEY_TYPE_NAMES[name]:
+        raise ValueError("a %s key written as %s" % (_shown(key_type), name))
+    return key_type, key_blob
+
+
+def _options_end(text: str) -> Optional[int]:
+    """sshkey_advance_past_options(): where the options end (the first space or tab outside "quotes"),
+    None for a quote left open at the end of the line."""
+    index, quoted = 0, False
+    while index < len(text) and (quoted or text[index] not in " \t"):
+        if text.startswith('\\"', index):
+            index += 1
+        elif text[index] == '"':
+            quoted = not quoted
+        index += 1
+    return None if quoted and index == len(text) else index
+
+
+def _opt_dequote(text: str, index: int) -> Tuple[str, int]:
+    """misc.c opt_dequote(): the "quoted" value at text[index] (\\" stands for ") and where it ends."""
+    if not text.startswith('"', index):
+        raise ValueError("missing start quote")
+    value, index = [], index + 1
+    while index < len(text) and text[index] != '"':
+        if text.startswith('\\"', index):
+            index += 1
+        value.append(text[index])
+        index += 1
+    if index >= len(text):
+        raise ValueError("missing end quote")
+    return "".join(value), index + 1
+
+
+def _parse_absolute_time(value: str) -> int:
+    """misc.c parse_absolute_time() with glibc: YYYYMMDD[HHMM[SS]], then Z or UTC for UTC, else local time as
+    mktime(3) reads it with tm_isdst 0 (so standard time, even in summer); ValueError for a time OpenSSH cannot
+    read, and for one before 1970 (mktime/timegm give -1)."""
+    utc = False
+    if len(value) > 1 and value[-1:] in ("Z", "z"):
+        utc, value = True, value[:-1]
+    elif len(value) > 3 and value[-3:].lower() == "utc":
+        utc, value = True, value[:-3]
+    if len(value) not in (8, 12, 14):
+        raise ValueError("not YYYYMMDD[HHMM[SS]]")
+    fields, start = [], 0
+    for width, lowest, highest in _TIME_FIELDS[:(len(value) - 2) // 2]:
+        match = _TIME_FIELD.fullmatch(value, start, start + width)
+        if not match or not lowest <= int(match.group(1)) <= highest:
+            raise ValueError("%s is not a time" % _shown(value))
+        fields.append(int(match.group(1)))
+        start += width
+    fields += [0] * (6 - len(fields))
+    if fields[0] < 1969:
+        raise ValueError("before 1970")
+    year, month, day, hour, minute, second = fields
+    try:    # both normalise out-of-range days and seconds, as timegm(3) and mktime(3) do (20250230 is 2 March)
+        if utc:
+            seconds = calendar.timegm((year, month, day, hour, minute, second))
+        else:
+            seconds = int(time.mktime((year, month, day, hour, minute, second, 0, 0, 0)))
+    except (OverflowError, ValueError):
+        raise ValueError("%s is out of range" % _shown(value)) from None
+    if seconds < 0:
+        raise ValueError("before 1970")
+    return seconds
+
+
+def _parse_signer_options(text: str) -> Tuple[bool, Dict[str, str], Dict[str, int]]:
+    """sshsig.c sshsigopt_parse(): (cert-authority, namespaces, valid-after/valid-before in epoch seconds)."""
+    certificate_authority, index = False, 0
+    values: Dict[str, str] = {}
+    times: Dict[str, int] = {}
+    while index < len(text) and text[index] not in " \t":
+        head = text[index:index + 15].translate(_ASCII_LOWER)   # strncasecmp() folds only ASCII
+        if head.startswith("cert-authority"):   # opt_flag(): a prefix, compared case-insensitively
+            certificate_authority, index = True, index + len("cert-authority")
+        else:
+            name = next((name for name in ("namespaces", "valid-after", "valid-before")
+                         if head.startswith(name + "=")), None)   # opt_match()
+            if name is not None:
+                if name in values:
+                    raise ValueError('multiple "%s" clauses' % name)
+                values[name], index = _opt_dequote(text, index + len(name) + 1)
+                if name != "namespaces":
+                    try:
+                        times[name] = _parse_absolute_time(values[name])
+                    except ValueError as error:
+                        raise ValueError('invalid "%s" time: %s' % (name, error)) from None
+                    if times[name] == 0:
+                        raise ValueError('invalid "%s" time: 0 means unset to OpenSSH' % name)
+        if index >= len(text) or text[index] in " \t":
+            break
+        if text[index] != ",":
+            raise ValueError("unknown key option at %s" % _shown(text[index:]))
+        index += 1
+        if index >= len(text):
+            raise ValueError("unexpected end-of-options")
+    if "valid-after" in times and "valid-before" in times and times["valid-before"] <= times["valid-after"]:
+        raise ValueError('"valid-before" time is before "valid-after"')
+    return certificate_authority, values, times
+
+
+def _parse_signer_line(line: str, number: int) -> Optional[AllowedSigner]:
+    """One line, as sshsig.c parse_principals_key_and_options(): principals [options] keytype base64 [comment].
+    None for a blank or comment line; ValueError saying why OpenSSH skips it."""
+    line = line.split("\0", 1)[0].lstrip(" \t")     # OpenSSH reads the line as a C string
+    if not line.strip(_MISC_WHITESPACE) or line.startswith("#"):
+        return None
+    principals, rest = _strdelimw(line)
+    if principals is None or rest is None:
+        raise ValueError("invalid line")
+    try:
+        key_type, key_blob = _read_key(rest)
+        options = ""
+    except ValueError as key_error:     # as OpenSSH: no key here, so options come first
+        end = _options_end(rest)
+        if end is None:
+            raise ValueError("invalid options (a quote is not closed)") from None
+        if end == len(rest):
+            raise ValueError("missing key") from None
+        try:
+            key_type, key_blob = _read_key(rest[end + 1:].lstrip(" \t"))
+        except ValueError as error:
+            reason = key_error if rest[:end] in _KEY_TYPE_NAMES else error   # the more telling of the two
+            raise ValueError("invalid key: %s" % reason) from None
+        options = rest[:end]
+    try:
+        certificate_authority, values, times = _parse_signer_options(options)
+    except ValueError as error:
+        raise ValueError("bad options: %s" % error) from None
+    if certificate_authority:
+        raise ValueError("cert-authority: certificates are not supported")
+    namespaces = tuple(values["namespaces"].split(",")) if "namespaces" in values else None
+    return AllowedSigner(tuple(principals.split(",")), namespaces, times.get("valid-after"),
+                         times.get("valid-before"), key_type, key_blob, number)
+
+
+def parse_allowed_signers(text: str) -> AllowedSigners:
+    """Reads an allowed_signers file as ssh-keygen does: a line it cannot read is skipped, with a warning
+    naming it (see load_allowed_signers for the file itself)."""
+    signers, warnings = [], []
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): only \n ends a line for OpenSSH
+        try:
+            signer = _parse_signer_line(line, number)
+        except ValueError as error:
+            warnings.append("line %d: %s; skipped, as ssh-keygen skips it" % (number, error))
+            continue
+        if signer is not None:
+            signers.append(signer)
+    return AllowedSigners(signers, warnings)
+
+
+def unsupported_signers(signers: Sequence[AllowedSigner]) -> List[str]:
+    """A warning for each listed key whose signatures will always be refused, for the operator at start-up."""
+    warnings = []
+    for signer in signers:
+        reason = _key_refusal(signer.key_type, signer.key_blob)
+        if reason:
+            warnings.append("line %d: %s; signatures by this key are refused" % (signer.line, reason))
+    return warnings
+
+
+# Files -----------------------------------------------------------------------
+
+def read_signature_file(path: str, expected: "Optional[FileIdentity]") -> Optional[bytes]:
+    """The bytes of an update's .sig; SignatureError when it is not a small regular file, None if it is not
+    (any longer) the file of the expected identity."""
+    try:
+        fileobj = open_regular_file(path)
+    except OSError as error:
+        if error.errno in (errno.ELOOP, errno.EINVAL):
+            raise SignatureError("the .sig is not a regular file") from None
+        raise SignatureError("the .sig cannot be read: %s" % (error.strerror or error)) from None
+    with fileobj:
+        if expected is not None and FileIdentity.from_stat(os.fstat(fileobj.fileno())) != expected:
+            return None
+        data = fileobj.read(MAX_SIGNATURE_BYTES + 1) or b""
+    if len(data) > MAX_SIGNATURE_BYTES:
+        raise SignatureError("the .sig is larger than %d KiB" % (MAX_SIGNATURE_BYTES >> 10))
+    return data
+
+
+def load_allowed_signers(path: str, principals: Sequence[str] = ()) -> AllowedSigners:
+    """The keys the server trusts, for the principals the boxes verify with (see signer_principal), and a
+    warning naming each line that is skipped or never usable, for the caller to log.  SettingsError (one line)
+    when the file cannot be read or lists no usable key."""
+    try:
+        with open(path, "rb") as signers_file:
+            data = signers_file.read()
+    except OSError as error:
+        raise SettingsError("allowed_signers %s cannot be read: %s" % (path, error.strerror or error)) from None
+    # Bytes, not text mode: its universal newlines would end a line at a \r, which OpenSSH's getline() does not.
+    parsed = parse_allowed_signers(data.decode("utf-8", "surrogateescape"))
+    signers, warnings = [], list(parsed.warnings)
+    for signer in parsed.signers:
+        if signer_principal(signer, principals) is not None:
+            signers.append(signer)
+        elif principals:
+            warnings.append("line %d: listed for %s, which ssh-keygen -Y verify -I %s never matches; ignored"
+                            % (signer.line, _shown(",".join(signer.principals)), " or ".join(principals)))
+        else:
+            warnings.append("line %d: listed for %s, which no ssh-keygen -Y verify -I matches; ignored"
+                            % (signer.line, _shown(",".join(signer.principals))))
+    warnings += unsupported_signers(signers)
+    warnings.sort(key=lambda warning: int(warning[5:warning.index(":")]))
+    if all(_key_refusal(signer.key_type, signer.key_blob) for signer in signers):
+        raise SettingsError("allowed_signers %s lists no usable key%s"
+                            % (path, "".join("; " + warning for warning in warnings[:3])))
+    return AllowedSigners(signers, warnings)
 
 
 # ---------------------------------------------------------------------------
@@ -1987,24 +2297,6 @@ class Catalog:
             checked=self.verify or self.keys.required,
             sha256=candidate.digests.sha256 if candidate.digests else None,
             signature=signature.armored if signature else None, signer=signature.signer if signature else None)
-
-
-def read_signature_file(path: str, expected: Optional[FileIdentity]) -> Optional[bytes]:
-    """The bytes of an update's .sig; SignatureError when it is not a small regular file, None if it is not
-    (any longer) the file of the expected identity."""
-    try:
-        fileobj = open_regular_file(path)
-    except OSError as error:
-        if error.errno in (errno.ELOOP, errno.EINVAL):
-            raise SignatureError("the .sig is not a regular file") from None
-        raise SignatureError("the .sig cannot be read: %s" % (error.strerror or error)) from None
-    with fileobj:
-        if expected is not None and FileIdentity.from_stat(os.fstat(fileobj.fileno())) != expected:
-            return None
-        data = fileobj.read(MAX_SIGNATURE_BYTES + 1) or b""
-    if len(data) > MAX_SIGNATURE_BYTES:
-        raise SignatureError("the .sig is larger than %d KiB" % (MAX_SIGNATURE_BYTES >> 10))
-    return data
 
 
 # ---------------------------------------------------------------------------
@@ -3491,15 +3783,18 @@ class BoxUpdateServer(http.server.ThreadingHTTPServer):
         A file that cannot be read or lists no usable key offers no signed update until it is fixed.
         """
         path = self.settings.allowed_signers
+        signers: List[AllowedSigner] = []
         try:
-            signers, problem = load_allowed_signers(path or ""), None
+            loaded, problem = load_allowed_signers(path or "", self.settings.signer_principals), None
         except SettingsError as error:
-            signers, problem = [], "%s: no signed update is offered until it is fixed" % error
-        if problem != self.catalog.keys.problem:
-            if problem:
-                logger.error("%s", problem)
-        if not problem:
+            problem = "%s: no signed update is offered until it is fixed" % error
+        else:
+            signers = loaded.signers
+            for warning in loaded.warnings:
+                logger.warning("%s: allowed_signers %s: %s", why, path, warning)
             logger.info("%s: read %d key(s) from %s", why, len(signers), path)
+        if problem and problem != self.catalog.keys.problem:
+            logger.error("%s: %s", why, problem)
         self.catalog.reload(signers, problem)
 
     def watch_keys(self) -> None:
@@ -3508,8 +3803,8 @@ class BoxUpdateServer(http.server.ThreadingHTTPServer):
         while not self._keys_stopping.wait(self.KEYS_POLL_SECONDS):
             if self.signers_file.changed():
                 self.reload_keys("allowed_signers changed")
-            elif self.catalog.keys.signers and time.time() >= next_validity_boundary(
-                    self.catalog.keys.signers, self.keys_judged_at):
+            elif self.catalog.keys.signers and time.time() >= (next_validity_boundary(
+                    self.catalog.keys.signers, self.keys_judged_at) or float("inf")):
                 logger.info("a key's valid-after or valid-before passed: judging the signatures again")
                 self.catalog.reload(self.catalog.keys.signers, self.catalog.keys.problem)
             else:
@@ -3542,34 +3837,15 @@ class WatchedFile:
         return changed
 
 
-def next_validity_boundary(signers: Sequence[AllowedSigner], since: float) -> float:
-    """The first valid-after or valid-before instant after since (infinity if none): when verdicts can change."""
-    return min((moment for signer in signers for moment in (signer.valid_after, signer.valid_before)
-                if moment is not None and moment > since), default=float("inf"))
-
-
-def load_allowed_signers(path: str) -> List[AllowedSigner]:
-    """The trusted keys; SettingsError (one line, naming the line at fault) when the file is unusable."""
-    try:
-        with open(path, encoding="utf-8") as signers_file:
-            text = signers_file.read()
-    except (OSError, UnicodeDecodeError) as error:
-        raise SettingsError("allowed_signers %s cannot be read: %s"
-                            % (path, getattr(error, "strerror", None) or error)) from None
-    try:
-        signers = parse_allowed_signers(text)
-    except ValueError as error:
-        raise SettingsError("allowed_signers %s: %s" % (path, error)) from None
-    if not signers:
-        raise SettingsError("allowed_signers %s lists no keys" % path)
-    return signers
-
 
 def make_server(settings: Settings, access_log: Optional[AccessLog] = None) -> BoxUpdateServer:
     """Read the keys, check the updates folder, bind the port, start watching; SettingsError if any fails."""
-    signers = load_allowed_signers(settings.allowed_signers) if settings.allowed_signers else None
-    for warning in unsupported_signers(signers or ()):
-        logger.warning("allowed_signers %s: %s", settings.allowed_signers, warning)
+    signers = None
+    if settings.allowed_signers:
+        loaded = load_allowed_signers(settings.allowed_signers, settings.signer_principals)
+        for warning in loaded.warnings:
+            logger.warning("allowed_signers %s: %s", settings.allowed_signers, warning)
+        signers = loaded.signers
     check_updates_dir(settings.updates_dir)
     catalog = Catalog(settings.updates_dir, verify=settings.verify_updates, signers=signers)
     try:
@@ -3631,8 +3907,10 @@ def serve(server: BoxUpdateServer) -> int:
 # 10. Command line
 # ---------------------------------------------------------------------------
 
-def check_files(paths: Sequence[str], signers: Optional[Sequence[AllowedSigner]] = None) -> int:
-    """``check [--allowed-signers FILE] ARCHIVE...``: the server's verdict on each, for operators before publishing."""
+def check_files(paths: Sequence[str], signers: Optional[Sequence[AllowedSigner]] = None,
+                principals: Sequence[str] = ()) -> int:
+    """``check [--allowed-signers FILE [--principal NAME]...] ARCHIVE...``: the server's verdict on each, for
+    operators before publishing; the principal printed is the one a box's ``ssh-keygen -Y verify -I`` uses."""
     failures = 0
     for path in paths:
         if path.endswith(SIGNATURE_SUFFIX) and version_digits(os.path.basename(path)[:-len(SIGNATURE_SUFFIX)]):
@@ -3656,7 +3934,7 @@ def check_files(paths: Sequence[str], signers: Optional[Sequence[AllowedSigner]]
                 armored = read_signature_file(path + SIGNATURE_SUFFIX, None)
                 signature = parse_sshsig(armored or b"")
                 digest = digests.for_algorithm(signature.hash_algorithm)
-                signer = verify_sshsig(signature, digest, signers, SIGNATURE_NAMESPACE)
+                signer = verify_sshsig(signature, digest, signers, SIGNATURE_NAMESPACE, principals=principals)
                 signed_by = "  signed by %s" % signer
             print("OK        %s  %s%s" % (digests.sha256.hex(), path, signed_by))
         except (ArchiveError, SignatureError, OSError) as error:
@@ -3734,12 +4012,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     check = commands.add_parser("check", help="check update archives as the server would, before publishing")
     check.add_argument("--allowed-signers", metavar="FILE",
                        help="also require ARCHIVE.sig to verify under a key in this OpenSSH allowed_signers file")
+    check.add_argument("--principal", metavar="NAME", action="append", default=[],
+                       help="require a key listed for this principal, as boxes verify with ssh-keygen -Y verify -I "
+                            "NAME (repeatable; default: any listed principal)")
     check.add_argument("files", nargs="+", metavar="ARCHIVE")
     arguments = parser.parse_args(argv)
     try:
         if arguments.command == "check":
-            signers = load_allowed_signers(arguments.allowed_signers) if arguments.allowed_signers else None
-            return check_files(arguments.files, signers)
+            signers = None
+            if arguments.principal and not arguments.allowed_signers:
+                raise SettingsError("check: --principal needs --allowed-signers")
+            if arguments.allowed_signers:
+                loaded = load_allowed_signers(arguments.allowed_signers, arguments.principal)
+                for warning in loaded.warnings:
+                    print("box_update_server: warning: allowed_signers %s: %s" % (arguments.allowed_signers, warning),
+                          file=sys.stderr)
+                signers = loaded.signers
+            return check_files(arguments.files, signers, arguments.principal)
         settings, warnings = parse_settings(os.environ.get(SETTINGS_VARIABLE), os.getcwd())
         if arguments.command in ("health", "status") and settings.port == 0:
             raise SettingsError("%s needs the port the server listens on: port 0 lets it pick one at start"

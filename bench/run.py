@@ -997,7 +997,7 @@ def measure_signatures(report, workdir, archive, options):
         keygen_run(["-q", "-N", "", "-C", "bench", "-f", key] + arguments)
         with open(key + ".pub") as public:
             signers[name] = server.parse_allowed_signers("bench@example.com %s\n"
-                                                         % " ".join(public.read().split()[:2]))
+                                                         % " ".join(public.read().split()[:2])).signers
         with open(os.path.join(folder, "message")) as stdin:
             armored = keygen_run(["-Y", "sign", "-n", NAMESPACE, "-f", key], stdin)
         algorithm = server.parse_sshsig(armored).hash_algorithm
