@@ -1452,7 +1452,7 @@ class SignatureVerdict(NamedTuple):
     """What the update's .sig file holds and, when signatures are required, who signed it."""
     problem: Optional[str]
     armored: Optional[bytes]     # served as /update/<name>.sig
-    signer: Optional[str]        # the principals of the allowed_signers line that verified it
+    signer: Optional[str]        # the principal a box verifies it under (signer_principals), else the line's
     generation: int              # the keys it was judged under (Keys.generation)
 
 
@@ -1899,9 +1899,11 @@ class Catalog:
     FIRST_LOOK_SECONDS = 2.0    # the start-up summary is logged by then at the latest
 
     def __init__(self, updates_dir: str, verify: bool = True,
-                 signers: Optional[Sequence[AllowedSigner]] = None, verdicts: Optional[VerdictStore] = None) -> None:
+                 signers: Optional[Sequence[AllowedSigner]] = None, verdicts: Optional[VerdictStore] = None,
+                 principals: Sequence[str] = ()) -> None:
         self.updates_dir = updates_dir
         self.verify = verify
+        self.principals = principals      # signer_principals: the one a box verifies with is named
         self.verdicts = verdicts
         self._remembered = verdicts.load(verify) if verdicts else {}
         self.keys = Keys(0, signers)
@@ -2173,7 +2175,7 @@ class Catalog:
                 return None
             parsed = parse_sshsig(armored)
             signer = verify_sshsig(parsed, digests.for_algorithm(parsed.hash_algorithm), keys.signers,
-                                   SIGNATURE_NAMESPACE)
+                                   SIGNATURE_NAMESPACE, principals=self.principals)
             return SignatureVerdict(None, armored, signer, keys.generation)
         except SignatureError as error:
             return SignatureVerdict("signature: %s" % error, None, None, keys.generation)
@@ -3847,7 +3849,8 @@ def make_server(settings: Settings, access_log: Optional[AccessLog] = None) -> B
             logger.warning("allowed_signers %s: %s", settings.allowed_signers, warning)
         signers = loaded.signers
     check_updates_dir(settings.updates_dir)
-    catalog = Catalog(settings.updates_dir, verify=settings.verify_updates, signers=signers)
+    catalog = Catalog(settings.updates_dir, verify=settings.verify_updates, signers=signers,
+                      principals=settings.signer_principals)
     try:
         server = BoxUpdateServer(settings, catalog, access_log=access_log)
     except OSError as error:

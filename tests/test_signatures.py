@@ -671,7 +671,6 @@ class SignerPrincipalsSettingTests(unittest.TestCase):
         settings, warnings = sig.parse_settings(
             '{"port": 80, "updates_dir": "/u", "signer_principals": ["ops@example.org", "*"]}')
         self.assertEqual((settings.signer_principals, warnings), (("ops@example.org", "*"), []))
-        self.assertEqual(sig.Settings._fields[-1], "signer_principals")
         for value in ('"ops@example.org"', '[""]', "[7]", '["a\\nb"]', '["a\\u0000b"]', "{}"):
             with self.subTest(value):
                 with self.assertRaises(sig.SettingsError) as caught:
@@ -1481,6 +1480,13 @@ class SignedUpdatesTest(TempDirTestCase):
                       "matches; ignored", server.log())
         self.assertIn("rejected opq-box-update-1700000002.tar.bz2: signature: no listed key made this signature",
                       server.log())
+
+    def test_the_signer_shown_is_the_principal_the_boxes_verify_with(self):
+        self.write_allowed("ops@example.org,release@example.org %s\n" % self.keys["ed25519"][1])
+        self.publish_built(self.build(1700000001, "ed25519"))
+        server = self.start(signer_principals=["release@example.org"])
+        files = {entry["name"]: entry for entry in json.loads(server.get("/status").body)["files"]}
+        self.assertEqual(files["opq-box-update-1700000001.tar.bz2"]["signer"], "release@example.org")
 
     def test_lines_openssh_skips_are_skipped_and_named_at_start(self):
         self.write_allowed("ops@example.org cert-authority %s\n" % self.keys["rsa"][1],
