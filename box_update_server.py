@@ -95,6 +95,7 @@ class Settings(NamedTuple):
     metrics_allow: Tuple[Network, ...] = LOOPBACK_AND_PRIVATE
     verify_updates: bool = True             # check archives before offering them
     allowed_signers: Optional[str] = None   # OpenSSH allowed_signers file: signatures required when set
+    max_expanded_bytes: int = 4 << 30       # an archive whose tar stream is longer is rejected (bzip2 bombs)
 
 
 REQUIRED_KEYS = ("port", "updates_dir")
@@ -139,6 +140,7 @@ def parse_settings(text: Optional[str], cwd: str = ".") -> Tuple[Settings, List[
         metrics_allow=optional("metrics_allow", _networks_setting, default.metrics_allow),
         verify_updates=optional("verify_updates", _bool_setting, default.verify_updates),
         allowed_signers=optional("allowed_signers", lambda key, value: _path_setting(key, value, cwd), None),
+        max_expanded_bytes=optional("max_expanded_bytes", _count_setting, default.max_expanded_bytes),
     )
     known = set(Settings._fields)
     warnings = ["unknown setting %r is ignored" % key for key in sorted(raw) if key not in known]
@@ -221,6 +223,7 @@ UPDATE_NAME = re.compile(r"opq-box-update-([0-9]{1,20})\.tar\.bz2")
 SIGNATURE_SUFFIX = ".sig"
 READ_CHUNK = 1 << 16
 MAX_TAR_METADATA = 64 << 10     # a GNU long name or link, or a pax header, may hold at most this
+MAX_EXPANDED_BYTES: int = Settings._field_defaults["max_expanded_bytes"]
 
 
 class ArchiveError(Exception):
@@ -304,8 +307,33 @@ def hash_update_file(fileobj: BinaryIO) -> Digests:
     return _HashingReader(fileobj).read_to_end()
 
 
+class TarMember(NamedTuple):
+    """A tar member as GNU tar 1.34 on a box reads it (src/list.c read_header, src/xheader.c xheader_decode)."""
+    offset: int      # where its header starts in the tar stream
+    kind: bytes      # the type flag
+    name: str        # as stored, trailing slashes kept (what ``tar tvf`` lists); UTF-8, other bytes escaped
+    linkname: str    # the link target (stored for every type, meaningful for links)
+    mode: int        # permission bits, as GNU tar restores them for root
+    size: int        # bytes of data that follow the header
+
+    @property
+    def path(self) -> str:
+        """The name without trailing slashes: the file GNU tar creates (strip_trailing_slashes)."""
+        return self.name.rstrip("/") or self.name[:1]
+
+
+def _tar_text(data: bytes) -> str:
+    """Name bytes as str, reversibly (tarfile is opened with the same encoding)."""
+    return data.decode("utf-8", "surrogateescape")
+
+
+def _c_string(field: bytes) -> bytes:
+    """A header field or long name up to its first NUL, as GNU tar (C strings) and tarfile (nts) read it."""
+    return field.split(b"\0", 1)[0]
+
+
 class TarFraming:
-    """Follows the headers of a tar stream as its bytes pass, before tarfile reads them.
+    """Follows the headers of a tar stream as its bytes pass, before tarfile reads them, as GNU tar reads them.
 
     tarfile reads a GNU long name or a pax header whole into memory however large its
     header says it is, and stops quietly at a header it cannot parse, where GNU tar on a
@@ -313,21 +341,31 @@ class TarFraming:
     checksums must match, metadata members are capped at MAX_TAR_METADATA, sparse and
     unknown member types are refused, and after the end-of-archive block only zeros may
     follow.  Memory is bounded by one header plus one capped metadata member.
+
+    Each member's name is the one GNU tar 1.34 extracts, appended to ``members``.  Where
+    Python's tarfile would read another name (a prefix field outside ustar, a long name
+    beside a pax path, repeated or padded metadata), the archive is refused: what is
+    checked must be what the box unpacks.
     """
 
     REGULAR = (b"0", b"\0", b"7")
     NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")     # links, devices, folders, FIFOs
     LONG_NAMES = (b"L", b"K")                        # GNU long name and long link
     PAX = (b"x", b"g", b"X")                         # pax extended headers (X: Solaris)
+    USTAR_MAGIC = b"ustar\0"                         # GNU tar joins the prefix field only after this magic
 
     def __init__(self) -> None:
         self.offset = 0                # bytes of tar data seen so far
         self.skip = 0                  # member data still to pass over
         self.wanted = tarfile.BLOCKSIZE
-        self.buffer = b""              # the header or pax data being collected
-        self.pax_type = b""            # set while collecting a pax header's data
-        self.pax_size = 0
-        self.next_size: Optional[int] = None
+        self.buffer = b""              # the header or metadata being collected
+        self.metadata_kind = b""       # set while collecting a long name's, long link's or pax header's data
+        self.metadata_size = 0
+        self.metadata_start = 0
+        self.long_name: Optional[bytes] = None          # for the next member: GNU 'L' data
+        self.long_link: Optional[bytes] = None          # GNU 'K' data
+        self.pax: Optional[Dict[bytes, bytes]] = None   # pax 'x' records
+        self.members: List[TarMember] = []              # read, not yet taken (check_update_archive takes them)
         self.ended = False
 
     def feed(self, data: bytes) -> None:
@@ -349,14 +387,16 @@ class TarFraming:
             self.offset += taken
             if not self.skip and len(self.buffer) == self.wanted:
                 block, self.buffer = self.buffer, b""
-                if self.pax_type:
-                    self._pax_records(block)
+                if self.metadata_kind:
+                    self._metadata(block)
                 else:
                     self._header(block)
 
     def _header(self, block: bytes) -> None:
         start = self.offset - tarfile.BLOCKSIZE
         if not block.strip(b"\0"):
+            if self.long_name is not None or self.long_link is not None or self.pax is not None:
+                raise ArchiveError("tar metadata before byte %d describes no member" % start)
             self.ended = True    # tarfile and GNU tar stop at the first zero block too
             return
         if _tar_number(block[148:156], start) not in _tar_checksums(block):
@@ -364,47 +404,116 @@ class TarFraming:
         kind, size = block[156:157], _tar_number(block[124:136], start)
         if size < 0:
             raise ArchiveError("damaged tar header at byte %d" % start)
-        if self.next_size is not None and kind not in self.PAX + self.LONG_NAMES:
-            size, self.next_size = self.next_size, None
+        if kind in self.LONG_NAMES or kind in self.PAX:
+            self._metadata_header(kind, size, start)
+        else:
+            self._member(block, kind, size, start)
+
+    def _metadata_header(self, kind: bytes, size: int, start: int) -> None:
+        if size > MAX_TAR_METADATA:
+            raise ArchiveError("tar header at byte %d declares %d bytes of names or pax data (at most %d)"
+                               % (start, size, MAX_TAR_METADATA))
+        # tarfile lets the first of two long names (or pax headers) for one member win, GNU tar the last
+        pending = {b"L": self.long_name, b"K": self.long_link, b"x": self.pax, b"X": self.pax}.get(kind)
+        if pending is not None:
+            raise ArchiveError("a second %s header for one member at byte %d (tarfile and GNU tar disagree "
+                               "on which applies)" % ("pax" if kind in self.PAX else "GNU long name", start))
+        self.metadata_kind, self.metadata_size, self.metadata_start = kind, size, start
+        self.wanted = _whole_blocks(size)
+        if not size:
+            self._metadata(b"")
+
+    def _metadata(self, data: bytes) -> None:
+        kind, start, self.metadata_kind, self.wanted = self.metadata_kind, self.metadata_start, b"", tarfile.BLOCKSIZE
+        if kind == b"L":
+            self.long_name = _c_string(data)     # both read the whole blocks up to a NUL, whatever the size says
+        elif kind == b"K":
+            self.long_link = _c_string(data)
+        else:
+            if data[self.metadata_size:].strip(b"\0"):
+                raise ArchiveError("pax header at byte %d hides records in its padding (tarfile reads them, GNU "
+                                   "tar does not)" % start)
+            records = _pax_records(data[:self.metadata_size], kind == b"g", start)
+            if kind != b"g":
+                self.pax = records
+
+    def _member(self, block: bytes, kind: bytes, size: int, start: int) -> None:
+        pax = self.pax or {}
+        if b"size" in pax:
+            size = int(pax[b"size"])     # at most 18 digits (_pax_records)
+        name = self._member_name(block, pax, start)
+        if b"linkpath" in pax and self.long_link is not None:
+            raise ArchiveError("member at byte %d has both a GNU long link and a pax linkpath (tarfile reads "
+                               "the one, GNU tar the other)" % start)
+        linkname = pax.get(b"linkpath", self.long_link if self.long_link is not None else _c_string(block[157:257]))
+        self.long_name = self.long_link = self.pax = None
         if kind in self.REGULAR:
+            if name.endswith(b"/"):
+                raise ArchiveError("file %r at byte %d has a name ending in '/': GNU tar makes it a folder and "
+                                   "reads its data as tar headers" % (_tar_text(name), start))
             self.skip = _whole_blocks(size)
         elif kind in self.NO_DATA:
             if size:
                 raise ArchiveError("tar member at byte %d is a link, device or folder with %d bytes of data"
                                    % (start, size))
-        elif kind in self.LONG_NAMES or kind in self.PAX:
-            if size > MAX_TAR_METADATA:
-                raise ArchiveError("tar header at byte %d declares %d bytes of names or pax data (at most %d)"
-                                   % (start, size, MAX_TAR_METADATA))
-            if kind in self.PAX and size:
-                self.pax_type, self.pax_size, self.wanted = kind, size, _whole_blocks(size)
-            else:
-                self.skip = _whole_blocks(size)
         elif kind == b"S":
             raise ArchiveError("sparse tar member at byte %d: updates may not hold sparse files" % start)
         else:
             raise ArchiveError("tar member type %r at byte %d is not allowed in an update"
                                % (kind.decode("latin-1"), start))
+        mode = _tar_number(block[100:108], start) & 0o7777
+        self.members.append(TarMember(start, kind, _tar_text(name), _tar_text(linkname), mode, size))
 
-    def _pax_records(self, data: bytes) -> None:
-        """Records "LENGTH key=value\\n" (POSIX pax): a size for the next member is followed, sparse maps refused."""
-        kind, self.pax_type, self.wanted = self.pax_type, b"", tarfile.BLOCKSIZE
-        records, position = data[:self.pax_size], 0
-        while position < len(records):
-            match = re.match(rb"([0-9]+) ", records[position:position + 21])
-            length = int(match.group(1)) if match else 0
-            record = records[position:position + length]
-            if not match or length <= len(match.group(0)) or len(record) != length or not record.endswith(b"\n") \
-                    or b"=" not in record:
-                raise ArchiveError("malformed pax header before byte %d" % self.offset)
-            key, _, value = record[len(match.group(0)):-1].partition(b"=")
-            if key.startswith(b"GNU.sparse."):
-                raise ArchiveError("sparse tar member: updates may not hold sparse files")
-            if key == b"size":
-                if kind == b"g" or not _DIGITS.fullmatch(value.decode("latin-1")):
-                    raise ArchiveError("pax header before byte %d sets an unusable size" % self.offset)
-                self.next_size = int(value)
-            position += length
+    def _member_name(self, block: bytes, pax: Dict[bytes, bytes], start: int) -> bytes:
+        """GNU tar's name: a pax path, else a long name, else the name field after a ustar prefix."""
+        if b"path" in pax:
+            if self.long_name is not None:
+                raise ArchiveError("member at byte %d has both a GNU long name and a pax path (tarfile reads "
+                                   "the one, GNU tar the other)" % start)
+            return pax[b"path"]
+        if self.long_name is not None:
+            return self.long_name
+        name, prefix = _c_string(block[:100]), _c_string(block[345:500])
+        if not prefix:
+            return name
+        if block[257:263] != self.USTAR_MAGIC:
+            raise ArchiveError("member %r at byte %d has a prefix field %r outside a ustar header: tarfile "
+                               "prepends it, GNU tar ignores it" % (_tar_text(name), start, _tar_text(prefix)))
+        return prefix + b"/" + name
+
+
+_PAX_LENGTH = re.compile(rb"([0-9]{1,20}) ")
+_PAX_SIZE = re.compile(rb"[0-9]{1,18}")         # below 2**63 (GNU tar's off_t); int() never meets a digit limit
+
+
+def _pax_records(data: bytes, is_global: bool, start: int) -> Dict[bytes, bytes]:
+    """Records "LENGTH key=value\\n" (POSIX pax), exactly one way: as tarfile and GNU tar both read them.
+
+    GNU tar (xheader.c decode_record) also takes blanks around the length and stops at a key
+    holding a NUL, where tarfile reads on; those forms are refused.  Sparse maps are refused,
+    and a global header may not set a path, link or size (GNU tar applies it to every member
+    that follows, tarfile to none).
+    """
+    records: Dict[bytes, bytes] = {}
+    position = 0
+    while position < len(data):
+        match = _PAX_LENGTH.match(data, position)
+        length = int(match.group(1)) if match else 0
+        record = data[position:position + length]
+        key, equals, value = record[len(match.group(0)) if match else 0:-1].partition(b"=")
+        if not match or length <= len(match.group(0)) or len(record) != length or not record.endswith(b"\n") \
+                or not equals or not key or key[:1] in b" \t" or b"\0" in key:
+            raise ArchiveError("malformed pax header at byte %d" % start)
+        if key.startswith(b"GNU.sparse."):
+            raise ArchiveError("sparse tar member: updates may not hold sparse files")
+        if key == b"size" and (is_global or not _PAX_SIZE.fullmatch(value)):
+            raise ArchiveError("pax header at byte %d sets an unusable size" % start)
+        if key in (b"path", b"linkpath") and (is_global or b"\0" in value):
+            raise ArchiveError("pax header at byte %d sets %s %s (tarfile and GNU tar read it differently)"
+                               % (start, "a global" if is_global else "a NUL byte in its", key.decode()))
+        records[key] = value
+        position += length
+    return records
 
 
 def _whole_blocks(size: int) -> int:
@@ -434,15 +543,19 @@ class _TarStream:
 
     Holds at most a chunk of compressed and of decompressed data whatever the
     archive's size, accepts the multi-stream files pbzip2 writes, and hashes the
-    file's own bytes on the way (one pass for everything).
+    file's own bytes on the way (one pass for everything).  Decompression stops as
+    soon as the tar stream grows past max_expanded_bytes, so a bzip2 bomb costs at
+    most that much work.
     """
 
-    def __init__(self, reader: _HashingReader) -> None:
+    def __init__(self, reader: _HashingReader, max_expanded_bytes: int) -> None:
         self.reader = reader
         self.framing = TarFraming()
         self.decompressor = bz2.BZ2Decompressor()
         self.pending = b""
         self.at_end = False
+        self.expanded = 0
+        self.max_expanded_bytes = max_expanded_bytes
 
     def read(self, size: int = -1) -> bytes:
         """Up to size bytes of tar data (tarfile's stream mode reads this way)."""
@@ -475,11 +588,14 @@ class _TarStream:
             tar_data = self.decompressor.decompress(data, READ_CHUNK)
         except (OSError, EOFError, ValueError) as error:
             raise ArchiveError("corrupt bzip2 data (%s)" % error) from None
+        self.expanded += len(tar_data)
+        if self.expanded > self.max_expanded_bytes:
+            raise ArchiveError("expands to more than %d bytes (max_expanded_bytes)" % self.max_expanded_bytes)
         self.framing.feed(tar_data)
         self.pending += tar_data
 
 
-def member_path(member: tarfile.TarInfo, top: str) -> str:
+def member_path(member: TarMember, top: str) -> str:
     """A member's path below the top folder ('' for the folder itself); ArchiveError if it escapes."""
     name = member.name
     if name.startswith("/"):
@@ -489,43 +605,68 @@ def member_path(member: tarfile.TarInfo, top: str) -> str:
         raise ArchiveError("member %r has a '..' component" % name)
     if not parts or parts[0] != top:
         raise ArchiveError("member %r is outside the top folder %s/" % (name, top))
-    if member.ischr() or member.isblk() or member.isfifo():
+    if member.kind in (tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE):
         raise ArchiveError("member %r is a device or pipe" % name)
-    if member.issym():
+    if member.kind == tarfile.SYMTYPE:
         target = posixpath.normpath(posixpath.join(posixpath.dirname("/".join(parts)), member.linkname))
         if member.linkname.startswith("/") or not (target + "/").startswith(top + "/"):
             raise ArchiveError("link %r points outside the top folder: %r" % (name, member.linkname))
-    if member.islnk():
+    if member.kind == tarfile.LNKTYPE:
         target = posixpath.normpath(member.linkname)
         if member.linkname.startswith("/") or not target.startswith(top + "/"):
             raise ArchiveError("hard link %r points outside the top folder: %r" % (name, member.linkname))
     return "/".join(parts[1:])
 
 
-def check_update_archive(fileobj: BinaryIO, version_text: str) -> Digests:
+def _take_member(framing: TarFraming, info: tarfile.TarInfo) -> TarMember:
+    """The member GNU tar reads where tarfile read info; ArchiveError unless both read the same."""
+    gnu = framing.members.pop(0) if framing.members else None
+    seen_by_tarfile = (info.name, info.linkname, info.type, info.size)
+    if gnu is None or (gnu.path, gnu.linkname, gnu.kind, gnu.size) != seen_by_tarfile:
+        raise ArchiveError("tar member at byte %d: Python's tarfile reads %r, GNU tar %r"
+                           % (info.offset, seen_by_tarfile[:2], (gnu.path, gnu.linkname) if gnu else None))
+    return gnu
+
+
+def check_update_archive(fileobj: BinaryIO, version_text: str,
+                         max_expanded_bytes: int = MAX_EXPANDED_BYTES) -> Digests:
     """Check an open ``.tar.bz2`` as a box would unpack it; return its digests.
 
-    Raises ArchiveError naming the first problem.  One streaming pass, flat memory.
+    Raises ArchiveError naming the first problem (whatever the bytes: no other exception
+    comes from the archive's contents).  One streaming pass, flat memory, at most
+    max_expanded_bytes of tar data decompressed.  Paths are judged as GNU tar extracts them.
     """
     top = "opq-box-update-" + version_text
-    stream = _TarStream(_HashingReader(fileobj))
+    stream = _TarStream(_HashingReader(fileobj), max_expanded_bytes)
     found_version: Optional[bytes] = None
     found_installer = False
     try:
-        with tarfile.open(fileobj=stream, mode="r|") as archive:  # type: ignore[call-overload]
-            for member in archive:
+        with tarfile.open(fileobj=stream, mode="r|", encoding="utf-8",  # type: ignore[call-overload]
+                          errors="surrogateescape") as archive:
+            for info in archive:
+                member = _take_member(stream.framing, info)
                 path = member_path(member, top)
                 if path == "VERSION":
-                    if not member.isreg() or member.size > 64:
+                    if member.kind not in TarFraming.REGULAR or member.size > 64:
                         raise ArchiveError("%s/VERSION is not a small regular file" % top)
-                    found_version = archive.extractfile(member).read()
+                    found_version = archive.extractfile(info).read()
                 elif path == "install_update.sh":
-                    if not member.isreg():
+                    if member.kind not in TarFraming.REGULAR:
                         raise ArchiveError("%s/install_update.sh is not a regular file" % top)
+                    if not member.mode & 0o111:
+                        raise ArchiveError("%s/install_update.sh is not executable (mode %04o): boxes run "
+                                           "./install_update.sh" % (top, member.mode))
                     found_installer = True
+                elif path.startswith(("VERSION/", "install_update.sh/")):
+                    raise ArchiveError("member %r would make %s a folder" % (member.name, path.split("/")[0]))
     except tarfile.TarError as error:
         raise ArchiveError("not a valid tar archive (%s)" % error) from None
+    except (ValueError, OverflowError, LookupError, EOFError, struct.error) as error:
+        raise ArchiveError("Python's tarfile cannot read it (%s: %s)" % (type(error).__name__, error)) from None
     digests = stream.finish()
+    if stream.framing.members:
+        raise ArchiveError("tar member at byte %d: GNU tar reads it, Python's tarfile does not"
+                           % stream.framing.members[0].offset)
     if found_version is None:
         raise ArchiveError("%s/VERSION is missing" % top)
     if found_version.strip() != version_text.encode("ascii"):
@@ -1363,9 +1504,11 @@ class Catalog:
     MIN_PUBLISH_INTERVAL = 0.25
 
     def __init__(self, updates_dir: str, verify: bool = True,
-                 signers: Optional[Sequence[AllowedSigner]] = None) -> None:
+                 signers: Optional[Sequence[AllowedSigner]] = None,
+                 max_expanded_bytes: int = MAX_EXPANDED_BYTES) -> None:
         self.updates_dir = updates_dir
         self.verify = verify
+        self.max_expanded_bytes = max_expanded_bytes
         self.signers = signers
         self.snapshot = EMPTY_SNAPSHOT
         self.checking_seconds = 0.0
@@ -1506,7 +1649,8 @@ class Catalog:
             with open_regular_file(os.path.join(self.updates_dir, candidate.name)) as fileobj:
                 try:
                     if self.verify:
-                        verdict = ArchiveVerdict(None, check_update_archive(fileobj, candidate.digits))
+                        digests = check_update_archive(fileobj, candidate.digits, self.max_expanded_bytes)
+                        verdict = ArchiveVerdict(None, digests)
                     else:
                         verdict = ArchiveVerdict(None, hash_update_file(fileobj))
                 except ArchiveError as error:
@@ -2858,7 +3002,8 @@ def make_server(settings: Settings, access_log: Optional[AccessLog] = None) -> B
     for warning in unsupported_signers(signers or ()):
         logger.warning("allowed_signers %s: %s", settings.allowed_signers, warning)
     check_updates_dir(settings.updates_dir)
-    catalog = Catalog(settings.updates_dir, verify=settings.verify_updates, signers=signers)
+    catalog = Catalog(settings.updates_dir, verify=settings.verify_updates, signers=signers,
+                      max_expanded_bytes=settings.max_expanded_bytes)
     try:
         server = BoxUpdateServer(settings, catalog, access_log=access_log)
     except OSError as error:
@@ -2910,7 +3055,8 @@ def serve(server: BoxUpdateServer) -> int:
 # 9. Command line
 # ---------------------------------------------------------------------------
 
-def check_files(paths: Sequence[str], signers: Optional[Sequence[AllowedSigner]] = None) -> int:
+def check_files(paths: Sequence[str], signers: Optional[Sequence[AllowedSigner]] = None,
+                max_expanded_bytes: int = MAX_EXPANDED_BYTES) -> int:
     """``check [--allowed-signers FILE] ARCHIVE...``: the server's verdict on each, for operators before publishing."""
     failures = 0
     for path in paths:
@@ -2921,7 +3067,7 @@ def check_files(paths: Sequence[str], signers: Optional[Sequence[AllowedSigner]]
             if not stat.S_ISREG(os.lstat(path).st_mode):
                 raise ArchiveError("not a regular file")     # never open a FIFO or a device
             with open_regular_file(path) as fileobj:
-                digests = check_update_archive(fileobj, digits)
+                digests = check_update_archive(fileobj, digits, max_expanded_bytes)
             signed_by = ""
             if signers is not None:
                 armored = read_signature_file(path + SIGNATURE_SUFFIX, None)
@@ -2971,12 +3117,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     check = commands.add_parser("check", help="check update archives as the server would, before publishing")
     check.add_argument("--allowed-signers", metavar="FILE",
                        help="also require ARCHIVE.sig to verify under a key in this OpenSSH allowed_signers file")
+    check.add_argument("--max-expanded-bytes", metavar="BYTES", type=int, default=MAX_EXPANDED_BYTES,
+                       help="reject an archive whose tar stream is longer (as the setting; default %(default)s)")
     check.add_argument("files", nargs="+", metavar="ARCHIVE")
     arguments = parser.parse_args(argv)
+    if arguments.command == "check" and arguments.max_expanded_bytes < 1:
+        parser.error("--max-expanded-bytes must be a positive number of bytes")
     try:
         if arguments.command == "check":
             signers = load_allowed_signers(arguments.allowed_signers) if arguments.allowed_signers else None
-            return check_files(arguments.files, signers)
+            return check_files(arguments.files, signers, arguments.max_expanded_bytes)
         settings, warnings = parse_settings(os.environ.get(SETTINGS_VARIABLE), os.getcwd())
         if arguments.command == "health":
             return probe_health(settings)
