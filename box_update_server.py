@@ -577,6 +577,9 @@ class _TarStream:
         if self.decompressor.eof:  # pylint: disable=using-constant-test  # astroid misreads the C type
             data = self.decompressor.unused_data or self.reader.read_chunk()
             if not data:
+                if self.framing.skip:   # else tarfile would seek on through the data its header declares
+                    raise ArchiveError("truncated: the tar stream ends at byte %d, %d bytes short of a member's end"
+                                       % (self.framing.offset, self.framing.skip))
                 self.at_end = True
                 return
             self.decompressor = bz2.BZ2Decompressor()
@@ -1786,6 +1789,9 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")          # RFC 9110 §5.6.2
 _HTTP_VERSION = re.compile(r"HTTP/([0-9])\.([0-9])")         # RFC 9112 §2.3
 _INVALID_IN_FIELD_VALUE = re.compile(r"[\x00\r\n]")          # RFC 9110 §5.5
 _HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(:[0-9]*)?")   # RFC 3986 §3.2.2
+# RFC 9110 §8.6, §14.1.1: guard against "potentially large decimal numerals": 20 digits hold any 64-bit number,
+# and bounding them first keeps int() clear of CPython's 4,300-digit limit (sys.set_int_max_str_digits)
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,20}")
 _HTTP_DATE = re.compile(                                           # RFC 9110 §5.6.7
     r"[A-Z][a-z]{2}, [0-9]{2} [A-Z][a-z]{2} [0-9]{4} [0-9]{2}:[0-9]{2}:[0-9]{2} GMT"       # IMF-fixdate
     r"|[A-Z][a-z]{5,8}, [0-9]{2}-[A-Z][a-z]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2} GMT"    # obsolete RFC 850
@@ -1858,7 +1864,7 @@ def check_framing(version: str, headers: Mapping[str, str], counts: Mapping[str,
             raise BadRequest(501, "transfer coding %s is not implemented" % codings[0])
         return False
     if "content-length" in headers:
-        if counts["content-length"] > 1 or not _DIGITS.fullmatch(headers["content-length"]):
+        if counts["content-length"] > 1 or not _CONTENT_LENGTH.fullmatch(headers["content-length"]):
             raise BadRequest(400, "repeated or invalid Content-Length")
         if int(headers["content-length"]) > 0:
             return False
@@ -1940,15 +1946,15 @@ class RangeNotSatisfiable(Exception):
     """The Range header is well formed but selects nothing: answer 416."""
 
 
-_BYTE_RANGE = re.compile(r"([0-9]*)-([0-9]*)")
+_BYTE_RANGE = re.compile(r"([0-9]{0,20})-([0-9]{0,20})")     # longer numbers: ignored as malformed (see above)
 _ENTITY_TAG = re.compile(r'\s*(W/)?("[\x21\x23-\x7e\x80-\xff]*")\s*(?:,|$)')
 
 
 def parse_range(header: str, size: int) -> Optional[Tuple[int, int]]:
     """The (first, last) byte positions one byte range selects (RFC 9110 §14.1.2).
 
-    None means ignore the header and send the whole file (malformed, another
-    unit, or several ranges); RangeNotSatisfiable means answer 416.
+    None means ignore the header and send the whole file (malformed, a number of
+    over 20 digits, another unit, or several ranges); RangeNotSatisfiable means answer 416.
     """
     unit, _, ranges = header.partition("=")
     if unit.strip().lower() != "bytes":
