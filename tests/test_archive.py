@@ -5,6 +5,7 @@ import bz2
 import hashlib
 import inspect
 import io
+import json
 import os
 import random
 import shutil
@@ -287,6 +288,23 @@ def bomb(declared_size):
     return b"".join(parts) + compressor.flush()
 
 
+class MaxExpandedBytesSettingTest(unittest.TestCase):
+
+    def parse(self, **raw):
+        settings, _ = bus.parse_settings(json.dumps(dict({"port": 8151, "updates_dir": "/srv/updates"}, **raw)))
+        return settings
+
+    def test_default_value_and_errors(self):
+        self.assertEqual(self.parse().max_expanded_bytes, 4 << 30)
+        self.assertEqual(self.parse(max_expanded_bytes=1 << 20).max_expanded_bytes, 1 << 20)
+        self.assertEqual(self.parse(max_expanded_bytes=None).max_expanded_bytes, 4 << 30)
+        for bad in (0, -1, True, "1000", 1.5, [1]):
+            with self.subTest(value=bad):
+                with self.assertRaises(bus.SettingsError) as caught:
+                    self.parse(max_expanded_bytes=bad)
+                self.assertIn("max_expanded_bytes must be a positive integer", str(caught.exception))
+
+
 class EndlessBomb(io.RawIOBase):
     """A .tar.bz2 that never ends: a member declaring 7 GiB, then bzip2 streams of 1 MiB of zeros for ever."""
 
@@ -388,6 +406,36 @@ class TarFramingTest(unittest.TestCase):
         outside = block[:148] + block[156:]
         block[148:156] = b"%06o\0 " % (sum(outside) + 8 * 0x20 - 256 * sum(1 for byte in outside if byte > 127))
         check(bz2.compress(self.good_members() + bytes(block) + END))
+
+    def test_tarfile_and_gnu_tar_must_read_the_same_members(self):
+        """What tarfile checks must be what GNU tar extracts: a member either reads differently is refused."""
+        hidden = bytearray(member_blocks([file_member(TOP + "/box-config-daemon/x", b"")]))
+        hidden[108:116] = b"zzzzzzz\0"               # a uid tarfile stops quietly at; GNU tar warns and goes on
+        hidden[148:156] = b" " * 8
+        hidden[148:156] = b"%06o\0 " % sum(hidden[:512])
+        evil = member_blocks([file_member("etc/cron.d/evil", b"* * * * * root sh -c evil\n")])
+        tar = self.good_members() + bytes(hidden) + evil + END
+        self.assert_rejected(tar, "tar member at byte %d: GNU tar reads it, Python's tarfile does not"
+                             % len(self.good_members()))
+        if shutil.which("tar"):
+            listing = subprocess.run(["tar", "-tjf", "-"], input=bz2.compress(tar), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE).stdout.decode()
+            self.assertIn("etc/cron.d/evil", listing, "GNU tar reads past the member tarfile stops at")
+        self.assert_rejected(self.good_members() + member_blocks([link_member(TOP + "/box-config-daemon/l/", "x")])
+                             + END, "Python's tarfile reads ('%s/box-config-daemon/l/', 'x'), GNU tar" % TOP)
+
+    def test_metadata_must_describe_a_member(self):
+        for metadata in (raw_header("././@LongLink", tarfile.GNUTYPE_LONGNAME, 10, b"abcdefghi\0" + bytes(502)),
+                         pax_header([(b"path", TOP.encode() + b"/x")])):
+            with self.subTest(kind=metadata[156:157]):
+                self.assert_rejected(self.good_members() + metadata + END, "describes no member")
+
+    def test_whatever_tarfile_raises_is_an_archive_error(self):
+        """tarfile 3.7 to 3.12 raises UnicodeDecodeError for this pax header (3.13 reads it): a reason, no traceback."""
+        try:
+            check(bz2.compress(pax_header([(b"hdrcharset", b"\xff\xfe")]) + self.good_tar()))
+        except bus.ArchiveError as error:
+            self.assertIn("Python's tarfile cannot read it (UnicodeDecodeError", str(error))
 
     def test_only_zeros_may_follow_the_end_of_the_archive(self):
         tar = self.good_tar()
