@@ -566,11 +566,16 @@ class _TarStream:
         return data
 
     def finish(self) -> Digests:
-        """Read to the end of the file, insisting the bzip2 stream is complete and the rest is tar padding."""
-        while not self.at_end:
+        """Read to the end of the file once tarfile has stopped, insisting the bzip2 stream is complete, the rest
+        is tar padding, and tarfile has taken every member GNU tar reads."""
+        while True:
+            if self.framing.members:
+                raise ArchiveError("tar member at byte %d: GNU tar reads it, Python's tarfile does not"
+                                   % self.framing.members[0].offset)
+            if self.at_end:
+                return self.reader.digests()
             self._decompress_more()
             self.pending = b""
-        return self.reader.digests()
 
     def _decompress_more(self) -> None:
         data = b""
@@ -647,6 +652,7 @@ def check_update_archive(fileobj: BinaryIO, version_text: str,
         with tarfile.open(fileobj=stream, mode="r|", encoding="utf-8",  # type: ignore[call-overload]
                           errors="surrogateescape") as archive:
             for info in archive:
+                archive.members.clear()     # tarfile keeps every member it read: memory would grow with their number
                 member = _take_member(stream.framing, info)
                 path = member_path(member, top)
                 if path == "VERSION":
@@ -667,9 +673,6 @@ def check_update_archive(fileobj: BinaryIO, version_text: str,
     except (ValueError, OverflowError, LookupError, EOFError, struct.error) as error:
         raise ArchiveError("Python's tarfile cannot read it (%s: %s)" % (type(error).__name__, error)) from None
     digests = stream.finish()
-    if stream.framing.members:
-        raise ArchiveError("tar member at byte %d: GNU tar reads it, Python's tarfile does not"
-                           % stream.framing.members[0].offset)
     if found_version is None:
         raise ArchiveError("%s/VERSION is missing" % top)
     if found_version.strip() != version_text.encode("ascii"):

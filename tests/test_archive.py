@@ -11,6 +11,7 @@ import random
 import shutil
 import subprocess
 import tarfile
+import threading
 import tracemalloc
 import unittest
 
@@ -25,6 +26,25 @@ TOP = "opq-box-update-1700000000"
 
 def check(data, version="1700000000"):
     return bus.check_update_archive(io.BytesIO(data), version)
+
+
+def within(seconds, function, *arguments):
+    """function(*arguments), failing the test if it has not returned after seconds (a check that never ends)."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = function(*arguments)
+        except BaseException as error:  # pylint: disable=broad-except  # handed to the test's thread
+            outcome["error"] = error
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise AssertionError("still running after %d s" % seconds)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 class CheckUpdateArchiveTest(unittest.TestCase):
@@ -189,6 +209,9 @@ class CheckUpdateArchiveTest(unittest.TestCase):
 
     def test_any_header_bytes_give_a_verdict_or_an_archive_error(self):
         """Seeded random header fields, checksums kept valid: nothing but ArchiveError comes out of a check."""
+        within(300, self.random_headers)
+
+    def random_headers(self):
         rng = random.Random(1700000000)
         good = bytearray(member_blocks(update_members(1700000000) + [
             link_member(TOP + "/box-config-daemon/l", "daemon.bin")]) + END)
@@ -226,7 +249,32 @@ class CheckUpdateArchiveTest(unittest.TestCase):
         block[148:156] = b"%06o\0 " % sum(block)
         tar = member_blocks(update_members(1700000000)) + bytes(block) + bytes(5000)
         for data in (bz2.compress(tar), bz2.compress(tar[:-5000]), bz2.compress(tar[:-4000]) + bz2.compress(b"")):
-            self.assert_rejected(data, "truncated: the tar stream ends at byte")
+            with self.assertRaises(bus.ArchiveError) as caught:
+                within(30, check, data)
+            self.assertIn("truncated: the tar stream ends at byte", str(caught.exception))
+
+    def test_memory_stays_flat_for_many_members(self):
+        """tarfile keeps each member it reads; the check lets them go, and stops at the first one tarfile misses."""
+        many = member_blocks([file_member(TOP + "/box-config-daemon/f%d" % number, b"") for number in range(8000)])
+        hidden = bytearray(member_blocks([file_member(TOP + "/box-config-daemon/x", b"")]))
+        hidden[108:116] = b"zzzzzzz\0"               # tarfile stops here; GNU tar reads on
+        hidden[148:156] = b" " * 8
+        hidden[148:156] = b"%06o\0 " % sum(hidden[:512])
+        good = member_blocks(update_members(1700000000))
+        for tar, reason in [(good + many + END, None), (good + bytes(hidden) + many + END, "GNU tar reads it")]:
+            data = bz2.compress(tar)
+            tracemalloc.start()
+            try:
+                if reason is None:
+                    check(data)
+                else:
+                    with self.assertRaises(bus.ArchiveError) as caught:
+                        check(data)
+                    self.assertIn(reason, str(caught.exception))
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            self.assertLess(peak, 1 << 20, "8,000 members peaked at %d bytes" % peak)
 
     def test_memory_stays_flat_for_a_large_archive(self):
         payload_size = 48 << 20

@@ -170,6 +170,26 @@ CORPUS = [
      "escapes"),
 ]
 
+# the reason each refused case must give: the rule that refuses it, not merely some later check
+REASONS = {
+    "prefix in v7 header": "has a prefix field", "prefix in gnu header": "has a prefix field",
+    "hard link with a prefix in a gnu header": "has a prefix field",
+    "prefix in ustar header, escaping": "outside the top folder", "prefix in ustar header, dotdot": "'..' component",
+    "long name, escaping": "'..' component", "long name, then pax path": "both a GNU long name and a pax path",
+    "pax path, then long name": "both a GNU long name and a pax path",
+    "long name, then pax path inside": "both a GNU long name and a pax path",
+    "two long names": "a second GNU long name header", "long link escaping": "points outside the top folder",
+    "long link, then pax linkpath": "both a GNU long link and a pax linkpath",
+    "pax linkpath, then long link": "both a GNU long link and a pax linkpath",
+    "pax path, escaping": "outside the top folder", "pax path, absolute": "absolute path",
+    "pax path with a NUL": "sets a NUL byte in its path", "pax linkpath outside": "points outside the top folder",
+    "pax linkpath, hard link outside": "points outside the top folder", "two pax headers": "a second pax header",
+    "global pax path": "sets a global path", "pax record with two blanks": "malformed pax header",
+    "pax key with a NUL": "malformed pax header", "pax data hiding a record in its padding": "hides records in",
+    "symlink outside": "points outside the top folder", "hard link outside": "points outside the top folder",
+    "file with a trailing slash": "has a name ending in '/'",
+}
+
 
 def gnu_tar():
     """The path of GNU tar, or skip: the reference must be the tar boxes run."""
@@ -259,6 +279,7 @@ class GnuTarDifferentialTest(unittest.TestCase):
                     self.assertIsNone(refusal, "a sound archive was refused")
                 else:
                     self.assertIsNotNone(refusal, "accepted, but GNU tar unpacks %s" % top_level)
+                    self.assertIn(REASONS[name], refusal)
                 if expected == "escapes":
                     self.assertTrue(escaped, "the corpus meant this case to escape with the real tar xf")
                 if refusal is not None:
