@@ -223,7 +223,7 @@ UPDATE_NAME = re.compile(r"opq-box-update-([0-9]{1,20})\.tar\.bz2")
 SIGNATURE_SUFFIX = ".sig"
 READ_CHUNK = 1 << 16
 MAX_TAR_METADATA = 64 << 10     # a GNU long name or link, or a pax header, may hold at most this
-MAX_EXPANDED_BYTES: int = Settings._field_defaults["max_expanded_bytes"]
+MAX_EXPANDED_BYTES = Settings(port=0, updates_dir="").max_expanded_bytes   # the setting's default
 
 
 class ArchiveError(Exception):
@@ -667,7 +667,7 @@ def check_update_archive(fileobj: BinaryIO, version_text: str,
                                            "./install_update.sh" % (top, member.mode))
                     found_installer = True
                 elif path.startswith(("VERSION/", "install_update.sh/")):
-                    raise ArchiveError("member %r would make %s a folder" % (member.name, path.split("/")[0]))
+                    raise ArchiveError("member %r would make %s a folder" % (member.name, path.partition("/")[0]))
     except tarfile.TarError as error:
         raise ArchiveError("not a valid tar archive (%s)" % error) from None
     except (ValueError, OverflowError, LookupError, EOFError, struct.error) as error:

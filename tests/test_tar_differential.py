@@ -104,8 +104,8 @@ CORPUS = [
     ("prefix in ustar header, folder", update(folder(b"sub/", prefix=TOP + b"/box-config-daemon",
                                                      magic=USTAR)), "ok"),
     ("prefix in pax member, pax path wins in both",
-     update(pax([(b"path", TOP + b"/box-config-daemon/p.txt")]) + regular(b"q.txt", prefix=b"elsewhere",
-                                                                           magic=USTAR)), "ok"),
+     update(pax([(b"path", TOP + b"/box-config-daemon/p.txt")]) +
+            regular(b"q.txt", prefix=b"elsewhere", magic=USTAR)), "ok"),
     ("prefix in pax member without path", update(pax([(b"mtime", b"1700000000")]) +
                                                  regular(b"q.txt", prefix=TOP, magic=USTAR)), "ok"),
     ("prefix in gnu member with pax path", update(pax([(b"path", TOP + b"/ok.txt")]) +
