@@ -3066,7 +3066,8 @@ def serve(server: BoxUpdateServer) -> int:
 
 def check_files(paths: Sequence[str], signers: Optional[Sequence[AllowedSigner]] = None,
                 max_expanded_bytes: int = MAX_EXPANDED_BYTES) -> int:
-    """``check [--allowed-signers FILE] ARCHIVE...``: the server's verdict on each, for operators before publishing."""
+    """``check [--allowed-signers FILE] [--max-expanded-bytes BYTES] ARCHIVE...``: the server's verdict on each,
+    for operators before publishing."""
     failures = 0
     for path in paths:
         try:
