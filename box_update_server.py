@@ -102,6 +102,7 @@ class Settings(NamedTuple):
     ipv6_client_prefix: int = 64            # an IPv6 client is its /64 (one home, one site) for the per-client cap
     forwarded_header: str = "X-Forwarded-For"   # the header the trusted proxies name the client in, or "Forwarded"
     signer_principals: Tuple[str, ...] = ()  # what boxes pass to ssh-keygen -Y verify -I; () means any listed
+    max_expanded_bytes: int = 4 << 30       # an archive whose tar stream is longer is rejected (bzip2 bombs)
 
 
 REQUIRED_KEYS = ("port", "updates_dir")
@@ -155,6 +156,7 @@ def parse_settings(text: Optional[str], cwd: str = ".") -> Tuple[Settings, List[
         ipv6_client_prefix=optional("ipv6_client_prefix", _ipv6_prefix_setting, default.ipv6_client_prefix),
         forwarded_header=optional("forwarded_header", _forwarded_header_setting, default.forwarded_header),
         signer_principals=optional("signer_principals", _principals_setting, default.signer_principals),
+        max_expanded_bytes=optional("max_expanded_bytes", _count_setting, default.max_expanded_bytes),
     )
     if settings.max_downloads > settings.max_connections:
         raise SettingsError("max_downloads (%d) must not exceed max_connections (%d)"
@@ -298,6 +300,7 @@ UPDATE_NAME = re.compile(r"opq-box-update-([0-9]{1,20})\.tar\.bz2")
 SIGNATURE_SUFFIX = ".sig"
 READ_CHUNK = 1 << 16
 MAX_TAR_METADATA = 64 << 10     # a GNU long name or link, or a pax header, may hold at most this
+MAX_EXPANDED_BYTES = Settings(port=0, updates_dir="").max_expanded_bytes   # the setting's default
 
 
 class ArchiveError(Exception):
@@ -381,8 +384,33 @@ def hash_update_file(fileobj: BinaryIO) -> Digests:
     return _HashingReader(fileobj).read_to_end()
 
 
+class TarMember(NamedTuple):
+    """A tar member as GNU tar 1.34 on a box reads it (src/list.c read_header, src/xheader.c xheader_decode)."""
+    offset: int      # where its header starts in the tar stream
+    kind: bytes      # the type flag
+    name: str        # as stored, trailing slashes kept (what ``tar tvf`` lists); UTF-8, other bytes escaped
+    linkname: str    # the link target (stored for every type, meaningful for links)
+    mode: int        # permission bits, as GNU tar restores them for root
+    size: int        # bytes of data that follow the header
+
+    @property
+    def path(self) -> str:
+        """The name without trailing slashes: the file GNU tar creates (strip_trailing_slashes)."""
+        return self.name.rstrip("/") or self.name[:1]
+
+
+def _tar_text(data: bytes) -> str:
+    """Name bytes as str, reversibly (tarfile is opened with the same encoding)."""
+    return data.decode("utf-8", "surrogateescape")
+
+
+def _c_string(field: bytes) -> bytes:
+    """A header field or long name up to its first NUL, as GNU tar (C strings) and tarfile (nts) read it."""
+    return field.split(b"\0", 1)[0]
+
+
 class TarFraming:
-    """Follows the headers of a tar stream as its bytes pass, before tarfile reads them.
+    """Follows the headers of a tar stream as its bytes pass, before tarfile reads them, as GNU tar reads them.
 
     tarfile reads a GNU long name or a pax header whole into memory however large its
     header says it is, and stops quietly at a header it cannot parse, where GNU tar on a
@@ -390,21 +418,31 @@ class TarFraming:
     checksums must match, metadata members are capped at MAX_TAR_METADATA, sparse and
     unknown member types are refused, and after the end-of-archive block only zeros may
     follow.  Memory is bounded by one header plus one capped metadata member.
+
+    Each member's name is the one GNU tar 1.34 extracts, appended to ``members``.  Where
+    Python's tarfile would read another name (a prefix field outside ustar, a long name
+    beside a pax path, repeated or padded metadata), the archive is refused: what is
+    checked must be what the box unpacks.
     """
 
     REGULAR = (b"0", b"\0", b"7")
     NO_DATA = (b"1", b"2", b"3", b"4", b"5", b"6")     # links, devices, folders, FIFOs
     LONG_NAMES = (b"L", b"K")                        # GNU long name and long link
     PAX = (b"x", b"g", b"X")                         # pax extended headers (X: Solaris)
+    USTAR_MAGIC = b"ustar\0"                         # GNU tar joins the prefix field only after this magic
 
     def __init__(self) -> None:
         self.offset = 0                # bytes of tar data seen so far
         self.skip = 0                  # member data still to pass over
         self.wanted = tarfile.BLOCKSIZE
-        self.buffer = b""              # the header or pax data being collected
-        self.pax_type = b""            # set while collecting a pax header's data
-        self.pax_size = 0
-        self.next_size: Optional[int] = None
+        self.buffer = b""              # the header or metadata being collected
+        self.metadata_kind = b""       # set while collecting a long name's, long link's or pax header's data
+        self.metadata_size = 0
+        self.metadata_start = 0
+        self.long_name: Optional[bytes] = None          # for the next member: GNU 'L' data
+        self.long_link: Optional[bytes] = None          # GNU 'K' data
+        self.pax: Optional[Dict[bytes, bytes]] = None   # pax 'x' records
+        self.members: List[TarMember] = []              # read, not yet taken (check_update_archive takes them)
         self.ended = False
 
     def feed(self, data: bytes) -> None:
@@ -426,14 +464,16 @@ class TarFraming:
             self.offset += taken
             if not self.skip and len(self.buffer) == self.wanted:
                 block, self.buffer = self.buffer, b""
-                if self.pax_type:
-                    self._pax_records(block)
+                if self.metadata_kind:
+                    self._metadata(block)
                 else:
                     self._header(block)
 
     def _header(self, block: bytes) -> None:
         start = self.offset - tarfile.BLOCKSIZE
         if not block.strip(b"\0"):
+            if self.long_name is not None or self.long_link is not None or self.pax is not None:
+                raise ArchiveError("tar metadata before byte %d describes no member" % start)
             self.ended = True    # tarfile and GNU tar stop at the first zero block too
             return
         if _tar_number(block[148:156], start) not in _tar_checksums(block):
@@ -441,47 +481,116 @@ class TarFraming:
         kind, size = block[156:157], _tar_number(block[124:136], start)
         if size < 0:
             raise ArchiveError("damaged tar header at byte %d" % start)
-        if self.next_size is not None and kind not in self.PAX + self.LONG_NAMES:
-            size, self.next_size = self.next_size, None
+        if kind in self.LONG_NAMES or kind in self.PAX:
+            self._metadata_header(kind, size, start)
+        else:
+            self._member(block, kind, size, start)
+
+    def _metadata_header(self, kind: bytes, size: int, start: int) -> None:
+        if size > MAX_TAR_METADATA:
+            raise ArchiveError("tar header at byte %d declares %d bytes of names or pax data (at most %d)"
+                               % (start, size, MAX_TAR_METADATA))
+        # tarfile lets the first of two long names (or pax headers) for one member win, GNU tar the last
+        pending = {b"L": self.long_name, b"K": self.long_link, b"x": self.pax, b"X": self.pax}.get(kind)
+        if pending is not None:
+            raise ArchiveError("a second %s header for one member at byte %d (tarfile and GNU tar disagree "
+                               "on which applies)" % ("pax" if kind in self.PAX else "GNU long name", start))
+        self.metadata_kind, self.metadata_size, self.metadata_start = kind, size, start
+        self.wanted = _whole_blocks(size)
+        if not size:
+            self._metadata(b"")
+
+    def _metadata(self, data: bytes) -> None:
+        kind, start, self.metadata_kind, self.wanted = self.metadata_kind, self.metadata_start, b"", tarfile.BLOCKSIZE
+        if kind == b"L":
+            self.long_name = _c_string(data)     # both read the whole blocks up to a NUL, whatever the size says
+        elif kind == b"K":
+            self.long_link = _c_string(data)
+        else:
+            if data[self.metadata_size:].strip(b"\0"):
+                raise ArchiveError("pax header at byte %d hides records in its padding (tarfile reads them, GNU "
+                                   "tar does not)" % start)
+            records = _pax_records(data[:self.metadata_size], kind == b"g", start)
+            if kind != b"g":
+                self.pax = records
+
+    def _member(self, block: bytes, kind: bytes, size: int, start: int) -> None:
+        pax = self.pax or {}
+        if b"size" in pax:
+            size = int(pax[b"size"])     # at most 18 digits (_pax_records)
+        name = self._member_name(block, pax, start)
+        if b"linkpath" in pax and self.long_link is not None:
+            raise ArchiveError("member at byte %d has both a GNU long link and a pax linkpath (tarfile reads "
+                               "the one, GNU tar the other)" % start)
+        linkname = pax.get(b"linkpath", self.long_link if self.long_link is not None else _c_string(block[157:257]))
+        self.long_name = self.long_link = self.pax = None
         if kind in self.REGULAR:
+            if name.endswith(b"/"):
+                raise ArchiveError("file %r at byte %d has a name ending in '/': GNU tar makes it a folder and "
+                                   "reads its data as tar headers" % (_tar_text(name), start))
             self.skip = _whole_blocks(size)
         elif kind in self.NO_DATA:
             if size:
                 raise ArchiveError("tar member at byte %d is a link, device or folder with %d bytes of data"
                                    % (start, size))
-        elif kind in self.LONG_NAMES or kind in self.PAX:
-            if size > MAX_TAR_METADATA:
-                raise ArchiveError("tar header at byte %d declares %d bytes of names or pax data (at most %d)"
-                                   % (start, size, MAX_TAR_METADATA))
-            if kind in self.PAX and size:
-                self.pax_type, self.pax_size, self.wanted = kind, size, _whole_blocks(size)
-            else:
-                self.skip = _whole_blocks(size)
         elif kind == b"S":
             raise ArchiveError("sparse tar member at byte %d: updates may not hold sparse files" % start)
         else:
             raise ArchiveError("tar member type %r at byte %d is not allowed in an update"
                                % (kind.decode("latin-1"), start))
+        mode = _tar_number(block[100:108], start) & 0o7777
+        self.members.append(TarMember(start, kind, _tar_text(name), _tar_text(linkname), mode, size))
 
-    def _pax_records(self, data: bytes) -> None:
-        """Records "LENGTH key=value\\n" (POSIX pax): a size for the next member is followed, sparse maps refused."""
-        kind, self.pax_type, self.wanted = self.pax_type, b"", tarfile.BLOCKSIZE
-        records, position = data[:self.pax_size], 0
-        while position < len(records):
-            match = re.match(rb"([0-9]+) ", records[position:position + 21])
-            length = int(match.group(1)) if match else 0
-            record = records[position:position + length]
-            if not match or length <= len(match.group(0)) or len(record) != length or not record.endswith(b"\n") \
-                    or b"=" not in record:
-                raise ArchiveError("malformed pax header before byte %d" % self.offset)
-            key, _, value = record[len(match.group(0)):-1].partition(b"=")
-            if key.startswith(b"GNU.sparse."):
-                raise ArchiveError("sparse tar member: updates may not hold sparse files")
-            if key == b"size":
-                if kind == b"g" or not _DIGITS.fullmatch(value.decode("latin-1")):
-                    raise ArchiveError("pax header before byte %d sets an unusable size" % self.offset)
-                self.next_size = int(value)
-            position += length
+    def _member_name(self, block: bytes, pax: Dict[bytes, bytes], start: int) -> bytes:
+        """GNU tar's name: a pax path, else a long name, else the name field after a ustar prefix."""
+        if b"path" in pax:
+            if self.long_name is not None:
+                raise ArchiveError("member at byte %d has both a GNU long name and a pax path (tarfile reads "
+                                   "the one, GNU tar the other)" % start)
+            return pax[b"path"]
+        if self.long_name is not None:
+            return self.long_name
+        name, prefix = _c_string(block[:100]), _c_string(block[345:500])
+        if not prefix:
+            return name
+        if block[257:263] != self.USTAR_MAGIC:
+            raise ArchiveError("member %r at byte %d has a prefix field %r outside a ustar header: tarfile "
+                               "prepends it, GNU tar ignores it" % (_tar_text(name), start, _tar_text(prefix)))
+        return prefix + b"/" + name
+
+
+_PAX_LENGTH = re.compile(rb"([0-9]{1,20}) ")
+_PAX_SIZE = re.compile(rb"[0-9]{1,18}")         # below 2**63 (GNU tar's off_t); int() never meets a digit limit
+
+
+def _pax_records(data: bytes, is_global: bool, start: int) -> Dict[bytes, bytes]:
+    """Records "LENGTH key=value\\n" (POSIX pax), exactly one way: as tarfile and GNU tar both read them.
+
+    GNU tar (xheader.c decode_record) also takes blanks around the length and stops at a key
+    holding a NUL, where tarfile reads on; those forms are refused.  Sparse maps are refused,
+    and a global header may not set a path, link or size (GNU tar applies it to every member
+    that follows, tarfile to none).
+    """
+    records: Dict[bytes, bytes] = {}
+    position = 0
+    while position < len(data):
+        match = _PAX_LENGTH.match(data, position)
+        length = int(match.group(1)) if match else 0
+        record = data[position:position + length]
+        key, equals, value = record[len(match.group(0)) if match else 0:-1].partition(b"=")
+        if not match or length <= len(match.group(0)) or len(record) != length or not record.endswith(b"\n") \
+                or not equals or not key or key[:1] in b" \t" or b"\0" in key:
+            raise ArchiveError("malformed pax header at byte %d" % start)
+        if key.startswith(b"GNU.sparse."):
+            raise ArchiveError("sparse tar member: updates may not hold sparse files")
+        if key == b"size" and (is_global or not _PAX_SIZE.fullmatch(value)):
+            raise ArchiveError("pax header at byte %d sets an unusable size" % start)
+        if key in (b"path", b"linkpath") and (is_global or b"\0" in value):
+            raise ArchiveError("pax header at byte %d sets %s %s (tarfile and GNU tar read it differently)"
+                               % (start, "a global" if is_global else "a NUL byte in its", key.decode()))
+        records[key] = value
+        position += length
+    return records
 
 
 def _whole_blocks(size: int) -> int:
@@ -511,15 +620,19 @@ class _TarStream:
 
     Holds at most a chunk of compressed and of decompressed data whatever the
     archive's size, accepts the multi-stream files pbzip2 writes, and hashes the
-    file's own bytes on the way (one pass for everything).
+    file's own bytes on the way (one pass for everything).  Decompression stops as
+    soon as the tar stream grows past max_expanded_bytes, so a bzip2 bomb costs at
+    most that much work.
     """
 
-    def __init__(self, reader: _HashingReader) -> None:
+    def __init__(self, reader: _HashingReader, max_expanded_bytes: int) -> None:
         self.reader = reader
         self.framing = TarFraming()
         self.decompressor = bz2.BZ2Decompressor()
         self.pending = b""
         self.at_end = False
+        self.expanded = 0
+        self.max_expanded_bytes = max_expanded_bytes
 
     def read(self, size: int = -1) -> bytes:
         """Up to size bytes of tar data (tarfile's stream mode reads this way)."""
@@ -530,17 +643,25 @@ class _TarStream:
         return data
 
     def finish(self) -> Digests:
-        """Read to the end of the file, insisting the bzip2 stream is complete and the rest is tar padding."""
-        while not self.at_end:
+        """Read to the end of the file once tarfile has stopped, insisting the bzip2 stream is complete, the rest
+        is tar padding, and tarfile has taken every member GNU tar reads."""
+        while True:
+            if self.framing.members:
+                raise ArchiveError("tar member at byte %d: GNU tar reads it, Python's tarfile does not"
+                                   % self.framing.members[0].offset)
+            if self.at_end:
+                return self.reader.digests()
             self._decompress_more()
             self.pending = b""
-        return self.reader.digests()
 
     def _decompress_more(self) -> None:
         data = b""
         if self.decompressor.eof:  # pylint: disable=using-constant-test  # astroid misreads the C type
             data = self.decompressor.unused_data or self.reader.read_chunk()
             if not data:
+                if self.framing.skip:   # else tarfile would seek on through the data its header declares
+                    raise ArchiveError("truncated: the tar stream ends at byte %d, %d bytes short of a member's end"
+                                       % (self.framing.offset, self.framing.skip))
                 self.at_end = True
                 return
             self.decompressor = bz2.BZ2Decompressor()
@@ -552,11 +673,14 @@ class _TarStream:
             tar_data = self.decompressor.decompress(data, READ_CHUNK)
         except (OSError, EOFError, ValueError) as error:
             raise ArchiveError("corrupt bzip2 data (%s)" % error) from None
+        self.expanded += len(tar_data)
+        if self.expanded > self.max_expanded_bytes:
+            raise ArchiveError("expands to more than %d bytes (max_expanded_bytes)" % self.max_expanded_bytes)
         self.framing.feed(tar_data)
         self.pending += tar_data
 
 
-def member_path(member: tarfile.TarInfo, top: str) -> str:
+def member_path(member: TarMember, top: str) -> str:
     """A member's path below the top folder ('' for the folder itself); ArchiveError if it escapes."""
     name = member.name
     if name.startswith("/"):
@@ -566,42 +690,65 @@ def member_path(member: tarfile.TarInfo, top: str) -> str:
         raise ArchiveError("member %r has a '..' component" % name)
     if not parts or parts[0] != top:
         raise ArchiveError("member %r is outside the top folder %s/" % (name, top))
-    if member.ischr() or member.isblk() or member.isfifo():
+    if member.kind in (tarfile.CHRTYPE, tarfile.BLKTYPE, tarfile.FIFOTYPE):
         raise ArchiveError("member %r is a device or pipe" % name)
-    if member.issym():
+    if member.kind == tarfile.SYMTYPE:
         target = posixpath.normpath(posixpath.join(posixpath.dirname("/".join(parts)), member.linkname))
         if member.linkname.startswith("/") or not (target + "/").startswith(top + "/"):
             raise ArchiveError("link %r points outside the top folder: %r" % (name, member.linkname))
-    if member.islnk():
+    if member.kind == tarfile.LNKTYPE:
         target = posixpath.normpath(member.linkname)
         if member.linkname.startswith("/") or not target.startswith(top + "/"):
             raise ArchiveError("hard link %r points outside the top folder: %r" % (name, member.linkname))
     return "/".join(parts[1:])
 
 
-def check_update_archive(fileobj: BinaryIO, version_text: str) -> Digests:
+def _take_member(framing: TarFraming, info: tarfile.TarInfo) -> TarMember:
+    """The member GNU tar reads where tarfile read info; ArchiveError unless both read the same."""
+    gnu = framing.members.pop(0) if framing.members else None
+    seen_by_tarfile = (info.name, info.linkname, info.type, info.size)
+    if gnu is None or (gnu.path, gnu.linkname, gnu.kind, gnu.size) != seen_by_tarfile:
+        raise ArchiveError("tar member at byte %d: Python's tarfile reads %r, GNU tar %r"
+                           % (info.offset, seen_by_tarfile[:2], (gnu.path, gnu.linkname) if gnu else None))
+    return gnu
+
+
+def check_update_archive(fileobj: BinaryIO, version_text: str,
+                         max_expanded_bytes: int = MAX_EXPANDED_BYTES) -> Digests:
     """Check an open ``.tar.bz2`` as a box would unpack it; return its digests.
 
-    Raises ArchiveError naming the first problem.  One streaming pass, flat memory.
+    Raises ArchiveError naming the first problem (whatever the bytes: no other exception
+    comes from the archive's contents).  One streaming pass, flat memory, at most
+    max_expanded_bytes of tar data decompressed.  Paths are judged as GNU tar extracts them.
     """
     top = "opq-box-update-" + version_text
-    stream = _TarStream(_HashingReader(fileobj))
+    stream = _TarStream(_HashingReader(fileobj), max_expanded_bytes)
     found_version: Optional[bytes] = None
     found_installer = False
     try:
-        with tarfile.open(fileobj=stream, mode="r|") as archive:  # type: ignore[call-overload]
-            for member in archive:
+        with tarfile.open(fileobj=stream, mode="r|", encoding="utf-8",  # type: ignore[call-overload]
+                          errors="surrogateescape") as archive:
+            for info in archive:
+                archive.members.clear()     # tarfile keeps every member it read: memory would grow with their number
+                member = _take_member(stream.framing, info)
                 path = member_path(member, top)
                 if path == "VERSION":
-                    if not member.isreg() or member.size > 64:
+                    if member.kind not in TarFraming.REGULAR or member.size > 64:
                         raise ArchiveError("%s/VERSION is not a small regular file" % top)
-                    found_version = archive.extractfile(member).read()
+                    found_version = archive.extractfile(info).read()
                 elif path == "install_update.sh":
-                    if not member.isreg():
+                    if member.kind not in TarFraming.REGULAR:
                         raise ArchiveError("%s/install_update.sh is not a regular file" % top)
+                    if not member.mode & 0o111:
+                        raise ArchiveError("%s/install_update.sh is not executable (mode %04o): boxes run "
+                                           "./install_update.sh" % (top, member.mode))
                     found_installer = True
+                elif path.startswith(("VERSION/", "install_update.sh/")):
+                    raise ArchiveError("member %r would make %s a folder" % (member.name, path.partition("/")[0]))
     except tarfile.TarError as error:
         raise ArchiveError("not a valid tar archive (%s)" % error) from None
+    except (ValueError, OverflowError, LookupError, EOFError, struct.error) as error:
+        raise ArchiveError("Python's tarfile cannot read it (%s: %s)" % (type(error).__name__, error)) from None
     digests = stream.finish()
     if found_version is None:
         raise ArchiveError("%s/VERSION is missing" % top)
@@ -1900,9 +2047,10 @@ class Catalog:
 
     def __init__(self, updates_dir: str, verify: bool = True,
                  signers: Optional[Sequence[AllowedSigner]] = None, verdicts: Optional[VerdictStore] = None,
-                 principals: Sequence[str] = ()) -> None:
+                 principals: Sequence[str] = (), max_expanded_bytes: int = MAX_EXPANDED_BYTES) -> None:
         self.updates_dir = updates_dir
         self.verify = verify
+        self.max_expanded_bytes = max_expanded_bytes
         self.principals = principals      # signer_principals: the one a box verifies with is named
         self.verdicts = verdicts
         self._remembered = verdicts.load(verify) if verdicts else {}
@@ -2150,7 +2298,8 @@ class Catalog:
         def verdict(fileobj: BinaryIO) -> ArchiveVerdict:
             try:
                 if self.verify:
-                    return ArchiveVerdict(None, check_update_archive(fileobj, candidate.digits))
+                    return ArchiveVerdict(None, check_update_archive(fileobj, candidate.digits,
+                                                                       self.max_expanded_bytes))
                 return ArchiveVerdict(None, hash_update_file(fileobj))
             except ArchiveError as error:
                 return ArchiveVerdict(str(error), None)
@@ -2327,6 +2476,9 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")          # RFC 9110 §5.6.2
 _HTTP_VERSION = re.compile(r"HTTP/([0-9])\.([0-9])")         # RFC 9112 §2.3
 _INVALID_IN_FIELD_VALUE = re.compile(r"[\x00\r\n]")          # RFC 9110 §5.5
 _HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]*)(:[0-9]*)?")   # RFC 3986 §3.2.2
+# RFC 9110 §8.6, §14.1.1: guard against "potentially large decimal numerals": 20 digits hold any 64-bit number,
+# and bounding them first keeps int() clear of CPython's 4,300-digit limit (sys.set_int_max_str_digits)
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,20}")
 _HTTP_DATE = re.compile(                                           # RFC 9110 §5.6.7
     r"[A-Z][a-z]{2}, [0-9]{2} [A-Z][a-z]{2} [0-9]{4} [0-9]{2}:[0-9]{2}:[0-9]{2} GMT"       # IMF-fixdate
     r"|[A-Z][a-z]{5,8}, [0-9]{2}-[A-Z][a-z]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2} GMT"    # obsolete RFC 850
@@ -2399,7 +2551,7 @@ def check_framing(version: str, headers: Mapping[str, str], counts: Mapping[str,
             raise BadRequest(501, "transfer coding %s is not implemented" % codings[0])
         return False
     if "content-length" in headers:
-        if counts["content-length"] > 1 or not _DIGITS.fullmatch(headers["content-length"]):
+        if counts["content-length"] > 1 or not _CONTENT_LENGTH.fullmatch(headers["content-length"]):
             raise BadRequest(400, "repeated or invalid Content-Length")
         if int(headers["content-length"]) > 0:
             return False
@@ -2537,15 +2689,15 @@ class RangeNotSatisfiable(Exception):
     """The Range header is well formed but selects nothing: answer 416."""
 
 
-_BYTE_RANGE = re.compile(r"([0-9]*)-([0-9]*)")
+_BYTE_RANGE = re.compile(r"([0-9]{0,20})-([0-9]{0,20})")     # longer numbers: ignored as malformed (see above)
 _ENTITY_TAG = re.compile(r'\s*(W/)?("[\x21\x23-\x7e\x80-\xff]*")\s*(?:,|$)')
 
 
 def parse_range(header: str, size: int) -> Optional[Tuple[int, int]]:
     """The (first, last) byte positions one byte range selects (RFC 9110 §14.1.2).
 
-    None means ignore the header and send the whole file (malformed, another
-    unit, or several ranges); RangeNotSatisfiable means answer 416.
+    None means ignore the header and send the whole file (malformed, a number of
+    over 20 digits, another unit, or several ranges); RangeNotSatisfiable means answer 416.
     """
     unit, _, ranges = header.partition("=")
     if unit.strip().lower() != "bytes":
@@ -3850,7 +4002,7 @@ def make_server(settings: Settings, access_log: Optional[AccessLog] = None) -> B
         signers = loaded.signers
     check_updates_dir(settings.updates_dir)
     catalog = Catalog(settings.updates_dir, verify=settings.verify_updates, signers=signers,
-                      principals=settings.signer_principals)
+                      principals=settings.signer_principals, max_expanded_bytes=settings.max_expanded_bytes)
     try:
         server = BoxUpdateServer(settings, catalog, access_log=access_log)
     except OSError as error:
@@ -3911,9 +4063,10 @@ def serve(server: BoxUpdateServer) -> int:
 # ---------------------------------------------------------------------------
 
 def check_files(paths: Sequence[str], signers: Optional[Sequence[AllowedSigner]] = None,
-                principals: Sequence[str] = ()) -> int:
-    """``check [--allowed-signers FILE [--principal NAME]...] ARCHIVE...``: the server's verdict on each, for
-    operators before publishing; the principal printed is the one a box's ``ssh-keygen -Y verify -I`` uses."""
+                principals: Sequence[str] = (), max_expanded_bytes: int = MAX_EXPANDED_BYTES) -> int:
+    """``check [--allowed-signers FILE [--principal NAME]...] [--max-expanded-bytes BYTES] ARCHIVE...``: the
+    server's verdict on each, for operators before publishing; the principal printed is the one a box's
+    ``ssh-keygen -Y verify -I`` uses."""
     failures = 0
     for path in paths:
         if path.endswith(SIGNATURE_SUFFIX) and version_digits(os.path.basename(path)[:-len(SIGNATURE_SUFFIX)]):
@@ -3931,7 +4084,7 @@ def check_files(paths: Sequence[str], signers: Optional[Sequence[AllowedSigner]]
                 print("WAITING   %s: waits for its signature %s%s" % (path, os.path.basename(path), SIGNATURE_SUFFIX))
                 continue
             with open_regular_file(path) as fileobj:
-                digests = check_update_archive(fileobj, digits)
+                digests = check_update_archive(fileobj, digits, max_expanded_bytes)
             signed_by = ""
             if signers is not None:
                 armored = read_signature_file(path + SIGNATURE_SUFFIX, None)
@@ -4018,8 +4171,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     check.add_argument("--principal", metavar="NAME", action="append", default=[],
                        help="require a key listed for this principal, as boxes verify with ssh-keygen -Y verify -I "
                             "NAME (repeatable; default: any listed principal)")
+    check.add_argument("--max-expanded-bytes", metavar="BYTES", type=int, default=MAX_EXPANDED_BYTES,
+                       help="reject an archive whose tar stream is longer (as the setting; default %(default)s)")
     check.add_argument("files", nargs="+", metavar="ARCHIVE")
     arguments = parser.parse_args(argv)
+    if arguments.command == "check" and arguments.max_expanded_bytes < 1:
+        parser.error("--max-expanded-bytes must be a positive number of bytes")
     try:
         if arguments.command == "check":
             signers = None
@@ -4031,7 +4188,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     print("box_update_server: warning: allowed_signers %s: %s" % (arguments.allowed_signers, warning),
                           file=sys.stderr)
                 signers = loaded.signers
-            return check_files(arguments.files, signers, arguments.principal)
+            return check_files(arguments.files, signers, arguments.principal, arguments.max_expanded_bytes)
         settings, warnings = parse_settings(os.environ.get(SETTINGS_VARIABLE), os.getcwd())
         if arguments.command in ("health", "status") and settings.port == 0:
             raise SettingsError("%s needs the port the server listens on: port 0 lets it pick one at start"

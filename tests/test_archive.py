@@ -4,8 +4,11 @@ import base64
 import bz2
 import errno
 import hashlib
+import inspect
 import io
+import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -25,6 +28,25 @@ TOP = "opq-box-update-1700000000"
 
 def check(data, version="1700000000"):
     return bus.check_update_archive(io.BytesIO(data), version)
+
+
+def within(seconds, function, *arguments):
+    """function(*arguments), failing the test if it has not returned after seconds (a check that never ends)."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = function(*arguments)
+        except BaseException as error:  # pylint: disable=broad-except  # handed to the test's thread
+            outcome["error"] = error
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise AssertionError("still running after %d s" % seconds)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 class CheckUpdateArchiveTest(unittest.TestCase):
@@ -131,6 +153,131 @@ class CheckUpdateArchiveTest(unittest.TestCase):
             link_member(TOP + "/box-config-daemon/again", TOP + "/VERSION", hard=True)]
         check(archive_bytes(members))
 
+    def test_install_update_sh_must_be_an_executable_regular_file(self):
+        """Every box runs ./install_update.sh: without an execute bit it cannot; a link or folder is not the script."""
+        def with_installer(*installer):
+            return archive_bytes([dir_member(TOP), file_member(TOP + "/VERSION", b"1700000000")] + list(installer))
+        for mode in (0o755, 0o700, 0o744, 0o100, 0o4755):
+            with self.subTest(mode=oct(mode)):
+                check(with_installer(file_member(TOP + "/install_update.sh", b"#!/bin/sh\n", mode)))
+        for mode in (0o644, 0o600, 0o666, 0o4644):
+            with self.subTest(mode=oct(mode)):
+                self.assert_rejected(with_installer(file_member(TOP + "/install_update.sh", b"#!/bin/sh\n", mode)),
+                                     "install_update.sh is not executable (mode %04o)" % mode)
+        script = file_member(TOP + "/install_update.sh", b"#!/bin/sh\n", 0o755)
+        for other, reason in [(link_member(TOP + "/install_update.sh", "VERSION"), "not a regular file"),
+                              (link_member(TOP + "/install_update.sh", TOP + "/VERSION", hard=True),
+                               "not a regular file"),
+                              (dir_member(TOP + "/install_update.sh"), "not a regular file"),
+                              (file_member(TOP + "/install_update.sh/x", b""), "make install_update.sh a folder"),
+                              (file_member(TOP + "/VERSION/x", b""), "make VERSION a folder")]:
+            with self.subTest(other=other[0].name, type=other[0].type):
+                self.assert_rejected(with_installer(script, other), reason)         # tar xf replaces the script
+                self.assert_rejected(with_installer(other), reason)
+
+    def test_the_expanded_size_is_limited(self):
+        tar = tar_bytes(update_members(1700000000))
+        data = bz2.compress(tar)
+        self.assertEqual(bus.check_update_archive(io.BytesIO(data), "1700000000", len(tar)).sha256,
+                         hashlib.sha256(data).digest())
+        with self.assertRaises(bus.ArchiveError) as caught:
+            bus.check_update_archive(io.BytesIO(data), "1700000000", len(tar) - 1)
+        self.assertEqual(str(caught.exception), "expands to more than %d bytes (max_expanded_bytes)" % (len(tar) - 1))
+        default = inspect.signature(bus.check_update_archive).parameters["max_expanded_bytes"].default
+        self.assertEqual(default, 4 << 30)
+        self.assertEqual(bus.Settings(port=1, updates_dir="/").max_expanded_bytes, default)
+
+    def test_a_bomb_is_rejected_without_decompressing_the_rest(self):
+        """An endless bzip2 file of zeros: decompression stops as soon as the tar stream passes the limit."""
+        bomb_file = EndlessBomb(give_up_after=64)
+        with self.assertRaises(bus.ArchiveError) as caught:
+            bus.check_update_archive(bomb_file, "1700000000", 8 << 20)
+        self.assertIn("expands to more than %d bytes" % (8 << 20), str(caught.exception))
+        self.assertLessEqual(bomb_file.units, 10, "read on past the limit")
+
+    def test_absurd_numbers_in_pax_records_reject_the_archive(self):
+        """Past CPython's 4,300-digit int() limit (3.11+) and past GNU tar's off_t: a reason, never a traceback."""
+        tail = member_blocks(update_members(1700000000)) + END
+        for records, reason in [([(b"size", b"9" * 5000)], "unusable size"),
+                                ([(b"size", b"1" * 19)], "unusable size"),
+                                ([(b"size", b"0" * 4999 + b"1")], "unusable size")]:
+            with self.subTest(record=records[0][1][:20]):
+                self.assert_rejected(bz2.compress(pax_header(records) + tail), reason)
+        huge_length = b"9" * 5000 + b" path=x\n"
+        for body in (huge_length, b"0" * 5000 + b"12 path=x\n"):
+            with self.subTest(body=body[:20]):
+                self.assert_rejected(bz2.compress(raw_header("././@PaxHeader", tarfile.XHDTYPE, len(body), body +
+                                                             bytes(-len(body) % 512)) + tail), "malformed pax header")
+
+    def test_any_header_bytes_give_a_verdict_or_an_archive_error(self):
+        """Seeded random header fields, checksums kept valid: nothing but ArchiveError comes out of a check."""
+        within(300, self.random_headers)
+
+    def random_headers(self):
+        rng = random.Random(1700000000)
+        good = bytearray(member_blocks(update_members(1700000000) + [
+            link_member(TOP + "/box-config-daemon/l", "daemon.bin")]) + END)
+        headers = [offset for offset in range(0, len(good) - 1024, 512)
+                   if bytes(good[offset + 257:offset + 262]) == b"ustar"]
+        fields = [(0, 100), (100, 8), (124, 12), (148, 8), (156, 1), (157, 100), (257, 8), (345, 155)]
+        outcomes = set()
+        for _ in range(400):
+            tar = bytearray(good)
+            offset = rng.choice(headers)
+            for _ in range(rng.randint(1, 3)):
+                start, length = rng.choice(fields)
+                value = rng.choice([b"", b"\0", b"/", b"..", b"../x", b"ustar\0", b"ustar  \0", b"7" * 12,
+                                    b"\x80" + b"\xff" * 11, b"L", b"K", b"x", b"g", b"5", b"2", b"1", b"0",
+                                    os.urandom(length), TOP.encode() + b"/"])
+                tar[offset + start:offset + start + length] = value[:length].ljust(length, b"\0")
+            if rng.random() < 0.9:
+                block = tar[offset:offset + 512]
+                block[148:156] = b" " * 8
+                tar[offset + 148:offset + 156] = b"%06o\0 " % sum(block)
+            try:
+                check(bz2.compress(bytes(tar)))
+                outcomes.add("ok")
+            except bus.ArchiveError as error:
+                outcomes.add(" ".join(str(error).split(" ")[:2]))
+        self.assertIn("ok", outcomes)
+        self.assertGreater(len(outcomes), 8, outcomes)
+
+    def test_a_member_declaring_more_data_than_the_stream_holds_is_rejected_at_once(self):
+        """tarfile would seek on through the declared size (2**88 bytes here) reading nothing, for ever."""
+        info = tarfile.TarInfo(TOP + "/box-config-daemon/huge")
+        block = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+        block[124:136] = b"\x80" + b"\xff" * 11                  # GNU base-256
+        block[148:156] = b" " * 8
+        block[148:156] = b"%06o\0 " % sum(block)
+        tar = member_blocks(update_members(1700000000)) + bytes(block) + bytes(5000)
+        for data in (bz2.compress(tar), bz2.compress(tar[:-5000]), bz2.compress(tar[:-4000]) + bz2.compress(b"")):
+            with self.assertRaises(bus.ArchiveError) as caught:
+                within(30, check, data)
+            self.assertIn("truncated: the tar stream ends at byte", str(caught.exception))
+
+    def test_memory_stays_flat_for_many_members(self):
+        """tarfile keeps each member it reads; the check lets them go, and stops at the first one tarfile misses."""
+        many = member_blocks([file_member(TOP + "/box-config-daemon/f%d" % number, b"") for number in range(8000)])
+        hidden = bytearray(member_blocks([file_member(TOP + "/box-config-daemon/x", b"")]))
+        hidden[108:116] = b"zzzzzzz\0"               # tarfile stops here; GNU tar reads on
+        hidden[148:156] = b" " * 8
+        hidden[148:156] = b"%06o\0 " % sum(hidden[:512])
+        good = member_blocks(update_members(1700000000))
+        for tar, reason in [(good + many + END, None), (good + bytes(hidden) + many + END, "GNU tar reads it")]:
+            data = bz2.compress(tar)
+            tracemalloc.start()
+            try:
+                if reason is None:
+                    check(data)
+                else:
+                    with self.assertRaises(bus.ArchiveError) as caught:
+                        check(data)
+                    self.assertIn(reason, str(caught.exception))
+                _, peak = tracemalloc.get_traced_memory()
+            finally:
+                tracemalloc.stop()
+            self.assertLess(peak, 1 << 20, "8,000 members peaked at %d bytes" % peak)
+
     def test_memory_stays_flat_for_a_large_archive(self):
         payload_size = 48 << 20
         tar = io.BytesIO()
@@ -189,6 +336,49 @@ def bomb(declared_size):
     for _ in range(declared_size >> 20):
         parts.append(compressor.compress(chunk))
     return b"".join(parts) + compressor.flush()
+
+
+class MaxExpandedBytesSettingTest(unittest.TestCase):
+
+    def parse(self, **raw):
+        settings, _ = bus.parse_settings(json.dumps(dict({"port": 8151, "updates_dir": "/srv/updates"}, **raw)))
+        return settings
+
+    def test_default_value_and_errors(self):
+        self.assertEqual(self.parse().max_expanded_bytes, 4 << 30)
+        self.assertEqual(self.parse(max_expanded_bytes=1 << 20).max_expanded_bytes, 1 << 20)
+        self.assertEqual(self.parse(max_expanded_bytes=None).max_expanded_bytes, 4 << 30)
+        for bad in (0, -1, True, "1000", 1.5, [1]):
+            with self.subTest(value=bad):
+                with self.assertRaises(bus.SettingsError) as caught:
+                    self.parse(max_expanded_bytes=bad)
+                self.assertIn("max_expanded_bytes must be a positive integer", str(caught.exception))
+
+
+class EndlessBomb(io.RawIOBase):
+    """A .tar.bz2 that never ends: a member declaring 7 GiB, then bzip2 streams of 1 MiB of zeros for ever."""
+
+    UNIT = bz2.compress(bytes(1 << 20))
+
+    def __init__(self, give_up_after):
+        super().__init__()
+        info = tarfile.TarInfo(TOP + "/box-config-daemon/huge")
+        info.size = 7 << 30
+        self.head = bz2.compress(info.tobuf(tarfile.GNU_FORMAT))
+        self.units = 0
+        self.give_up_after = give_up_after
+
+    def readable(self):
+        return True
+
+    def read(self, size=-1):
+        if self.head:
+            data, self.head = self.head, b""
+            return data
+        self.units += 1
+        if self.units > self.give_up_after:
+            raise RuntimeError("the check read %d MiB of tar data past the limit" % self.units)
+        return self.UNIT
 
 
 class TarFramingTest(unittest.TestCase):
@@ -267,6 +457,36 @@ class TarFramingTest(unittest.TestCase):
         block[148:156] = b"%06o\0 " % (sum(outside) + 8 * 0x20 - 256 * sum(1 for byte in outside if byte > 127))
         check(bz2.compress(self.good_members() + bytes(block) + END))
 
+    def test_tarfile_and_gnu_tar_must_read_the_same_members(self):
+        """What tarfile checks must be what GNU tar extracts: a member either reads differently is refused."""
+        hidden = bytearray(member_blocks([file_member(TOP + "/box-config-daemon/x", b"")]))
+        hidden[108:116] = b"zzzzzzz\0"               # a uid tarfile stops quietly at; GNU tar warns and goes on
+        hidden[148:156] = b" " * 8
+        hidden[148:156] = b"%06o\0 " % sum(hidden[:512])
+        evil = member_blocks([file_member("etc/cron.d/evil", b"* * * * * root sh -c evil\n")])
+        tar = self.good_members() + bytes(hidden) + evil + END
+        self.assert_rejected(tar, "tar member at byte %d: GNU tar reads it, Python's tarfile does not"
+                             % len(self.good_members()))
+        if shutil.which("tar"):
+            listing = subprocess.run(["tar", "-tjf", "-"], input=bz2.compress(tar), stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE).stdout.decode()
+            self.assertIn("etc/cron.d/evil", listing, "GNU tar reads past the member tarfile stops at")
+        self.assert_rejected(self.good_members() + member_blocks([link_member(TOP + "/box-config-daemon/l/", "x")])
+                             + END, "Python's tarfile reads ('%s/box-config-daemon/l/', 'x'), GNU tar" % TOP)
+
+    def test_metadata_must_describe_a_member(self):
+        for metadata in (raw_header("././@LongLink", tarfile.GNUTYPE_LONGNAME, 10, b"abcdefghi\0" + bytes(502)),
+                         pax_header([(b"path", TOP.encode() + b"/x")])):
+            with self.subTest(kind=metadata[156:157]):
+                self.assert_rejected(self.good_members() + metadata + END, "describes no member")
+
+    def test_whatever_tarfile_raises_is_an_archive_error(self):
+        """tarfile 3.7 to 3.12 raises UnicodeDecodeError for this pax header (3.13 reads it): a reason, no traceback."""
+        try:
+            check(bz2.compress(pax_header([(b"hdrcharset", b"\xff\xfe")]) + self.good_tar()))
+        except bus.ArchiveError as error:
+            self.assertIn("Python's tarfile cannot read it (UnicodeDecodeError", str(error))
+
     def test_only_zeros_may_follow_the_end_of_the_archive(self):
         tar = self.good_tar()
         check(bz2.compress(tar + bytes(10240)))
@@ -335,6 +555,30 @@ class CheckCommandTest(TempDirTestCase):
         status, output = self.run_check(device)
         self.assertIn("REJECTED  %s: not a regular file" % device, output)
 
+    def test_an_absurd_pax_size_is_rejected_and_later_files_are_still_checked(self):
+        bad = os.path.join(self.tmp, "opq-box-update-1700000001.tar.bz2")
+        publish(bad, bz2.compress(pax_header([(b"size", b"9" * 5000)]) +
+                                  member_blocks(update_members(1700000001)) + END))
+        good = make_update(self.tmp, 1700000002)
+        finished = subprocess.run([python_executable(), SERVER, "check", bad, good], cwd=ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+        lines = finished.stdout.decode().splitlines()
+        self.assertEqual(finished.returncode, 1)
+        self.assertEqual(lines[0], "REJECTED  %s: pax header at byte 0 sets an unusable size" % bad)
+        self.assertTrue(lines[1].startswith("OK        "), lines)
+        self.assertEqual(finished.stderr, b"")
+
+    def test_max_expanded_bytes_can_be_given(self):
+        path = make_update(self.tmp, 1700000000)
+        status, output = self.run_check("--max-expanded-bytes", "4096", path)
+        self.assertEqual(status, 1)
+        self.assertIn("REJECTED  %s: expands to more than 4096 bytes" % path, output)
+        self.assertEqual(self.run_check("--max-expanded-bytes", str(1 << 20), path)[0], 0)
+        finished = subprocess.run([python_executable(), SERVER, "check", "--max-expanded-bytes", "0", path],
+                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
+        self.assertEqual(finished.returncode, 2)
+        self.assertIn(b"--max-expanded-bytes must be a positive number of bytes", finished.stderr)
+
     def test_shipped_examples_pass(self):
         examples = os.path.join(ROOT, "examples", "updates")
         status, output = self.run_check(*[os.path.join(examples, name) for name in sorted(os.listdir(examples))])
@@ -370,6 +614,22 @@ class VerifiedPublicationTest(TempDirTestCase):
         health = server.health()
         self.assertTrue(health["ok"])
         self.assertIn("rejected", health["info"])
+
+    def test_archives_past_the_limits_are_rejected_with_the_reason_never_a_traceback(self):
+        make_update(self.updates, 1700000000)
+        publish(os.path.join(self.updates, "opq-box-update-1700000001.tar.bz2"),
+                bz2.compress(pax_header([(b"size", b"9" * 5000)]) + member_blocks(update_members(1700000001)) + END))
+        make_update(self.updates, 1700000002, update_members(1700000002) + [
+            file_member(TOP[:-1] + "2/box-config-daemon/big.bin", bytes(40000))])
+        server = self.start_server(max_expanded_bytes=30000)
+        self.assertTrue(wait_until(lambda: "2 file(s) in the updates folder rejected" in server.health()["info"], 10),
+                        server.health())
+        log = server.log()
+        self.assertIn("rejected opq-box-update-1700000001.tar.bz2: pax header at byte 0 sets an unusable size", log)
+        self.assertIn("rejected opq-box-update-1700000002.tar.bz2: expands to more than 30000 bytes", log)
+        self.assertNotIn("Traceback", log)
+        self.assertNotIn("checking opq-box-update", log)
+        self.assertEqual(server.get("/version").body, b"1700000000")
 
     def test_a_new_update_renamed_into_place_is_offered_promptly(self):
         server = self.start_server()

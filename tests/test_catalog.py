@@ -165,9 +165,9 @@ class CatalogTest(CatalogTestCase):
         checked = []
         real_check = bus.check_update_archive
 
-        def recording_check(fileobj, digits):
+        def recording_check(fileobj, digits, *limit):
             checked.append(int(digits))
-            return real_check(fileobj, digits)
+            return real_check(fileobj, digits, *limit)
         with mock.patch("box_update_server.check_update_archive", side_effect=recording_check):
             catalog = self.catalog()
             self.assertTrue(wait_until(lambda: len(catalog.snapshot.updates) == len(versions), 20))
@@ -317,8 +317,8 @@ class FolderChangesTest(CatalogTestCase):
         candidate = catalog._candidates[os.path.basename(path)]   # pylint: disable=protected-access
         real_check = bus.check_update_archive
 
-        def rewritten_during_the_check(fileobj, digits):
-            digests = real_check(fileobj, digits)
+        def rewritten_during_the_check(fileobj, digits, *limit):
+            digests = real_check(fileobj, digits, *limit)
             with open(path, "r+b") as rewrite:   # the operator overwrites the file while it is read
                 rewrite.write(b"garbage")
             return digests

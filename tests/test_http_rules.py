@@ -7,10 +7,10 @@ import ipaddress
 import time
 import unittest
 
+import os
+
 import support
 import box_update_server as bus
-
-del support  # imported only so that sys.path holds the repository root
 
 ETAG = '"abc-1"'
 MODIFIED = 1700000000
@@ -188,7 +188,7 @@ class CheckFramingTest(BadRequestAssertions):
                  ("HTTP/1.1", ["Host: a", "Content-Length: 0", "Content-Length: 0"], 400),
                  ("HTTP/1.0", ["Content-Length: 5", "content-length: 5"], 400)]
         for value in ["-1", "abc", "1.0", "0x10", "+5", "5, 5", "5,5", "", "1_000", "1e3", "\u00b2", "\u0665",
-                      "5 5"]:
+                      "5 5", "1" * 21, "0" * 21, "1" * 5000, "0" * 4999 + "1"]:
             cases.append(("HTTP/1.1", ["Host: a", "Content-Length: " + value], 400))
         self.check_cases(cases)
 
@@ -504,6 +504,35 @@ class ParseRangeTest(unittest.TestCase):
                        "bytes=0-9,100-", "bytes=+1-2", "bytes=0 - 9", "none=0-9"]:
             with self.subTest(header=header):
                 self.assertIsNone(bus.parse_range(header, SIZE))
+
+    def test_numbers_past_20_digits_are_malformed(self):
+        """Absurd numbers are ignored before int() sees them (CPython 3.11+ refuses over 4,300 digits)."""
+        huge = "9" * 5000
+        for header in ["bytes=%s-" % huge, "bytes=0-%s" % huge, "bytes=-%s" % huge, "bytes=%s-%s" % (huge, huge),
+                       "bytes=%s-" % ("0" * 4999 + "1"), "bytes=%s-" % ("1" * 21), "bytes=0-%s" % ("1" * 21)]:
+            with self.subTest(header=header[:30]):
+                self.assertIsNone(bus.parse_range(header, SIZE))
+        self.assertEqual(bus.parse_range("bytes=0-%s" % ("9" * 20), SIZE), (0, 99))       # 20 digits still read
+        self.assertEqual(bus.parse_range("bytes=%s-" % ("0" * 19 + "5"), SIZE), (5, 99))
+
+
+class AbsurdNumbersOverRealHttpTest(support.TempDirTestCase):
+    """Through the real server: numbers past CPython's 4,300-digit int() limit are answered, never a traceback."""
+
+    def test_a_5000_digit_range_is_ignored_and_content_length_is_400(self):
+        path = support.make_update(self.updates, 1700000000)
+        name = os.path.basename(path)
+        server = self.start_server()
+        huge = "9" * 5000
+        answer = server.get("/update/" + name, {"Range": "bytes=%s-" % huge})
+        self.assertEqual(answer.status, 200)
+        self.assertEqual(answer.header("Content-Length"), str(os.path.getsize(path)))
+        self.assertEqual(server.get("/update/" + name, {"Range": "bytes=0-" + huge}).status, 200)
+        raw = support.raw_exchange(server.port, ("GET /version HTTP/1.1\r\nHost: a\r\nContent-Length: %s\r\n\r\n"
+                                                 % huge).encode())
+        self.assertEqual(support.status_of(raw), 400)
+        self.assertEqual(server.get("/version").status, 200)
+        self.assertNotIn("Traceback", server.log())
 
 
 class EntityTagsTest(unittest.TestCase):
