@@ -3,6 +3,7 @@ and PROTOCOL.sshsig formats, fixed ssh-keygen signatures, and live round trips w
 
 import base64
 import calendar
+import contextlib
 import hashlib
 import io
 import json
@@ -114,6 +115,22 @@ lq0EdvhsmmCp/mJ4VDYQ0q+NSK+BpO91r7i6w=
 -----END SSH SIGNATURE-----
 """
 FIXTURE_SIGNERS = "alice@example.com %s\nbob@example.com %s\n" % (FIXTURE_ED25519_KEY, FIXTURE_RSA_KEY)
+
+
+@contextlib.contextmanager
+def time_zone(tz):
+    """The process's local time zone is tz (a POSIX TZ value) inside the block."""
+    saved = os.environ.get("TZ")
+    os.environ["TZ"] = tz
+    time.tzset()
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = saved
+        time.tzset()
 
 
 def ssh_string(data):
@@ -374,35 +391,17 @@ class AllowedSignersTests(unittest.TestCase):
 
     @unittest.skipUnless(hasattr(time, "tzset"), "needs time.tzset to change the local time zone")
     def test_times_without_z_are_local(self):
-        saved = os.environ.get("TZ")
-        os.environ["TZ"] = "XST+05"  # five hours behind UTC, no daylight saving time
-        time.tzset()
-        try:
+        with time_zone("XST+05"):    # five hours behind UTC, no daylight saving time
             signer, = signers_of('a@b valid-before="202401020304" %s' % FIXTURE_ED25519_KEY)
-        finally:
-            if saved is None:
-                del os.environ["TZ"]
-            else:
-                os.environ["TZ"] = saved
-            time.tzset()
         self.assertEqual(signer.valid_before, calendar.timegm((2024, 1, 2, 8, 4, 0, 0, 0, 0)))
 
     @unittest.skipUnless(hasattr(time, "tzset"), "needs time.tzset to change the local time zone")
     def test_local_times_in_summer_are_standard_time(self):
         """misc.c parse_absolute_time() leaves tm_isdst 0: mktime(3) reads a summer wall clock as standard time,
         an hour later than the wall clock shows (checked against ssh-keygen in the differential suite)."""
-        saved = os.environ.get("TZ")
-        os.environ["TZ"] = "CET-1CEST,M3.5.0,M10.5.0/3"    # Central Europe: UTC+1, UTC+2 in summer
-        time.tzset()
-        try:
+        with time_zone("CET-1CEST,M3.5.0,M10.5.0/3"):    # Central Europe: UTC+1, UTC+2 in summer
             summer, = signers_of('a@b valid-after="20240701120000" %s' % FIXTURE_ED25519_KEY)
             winter, = signers_of('a@b valid-after="20240101120000" %s' % FIXTURE_ED25519_KEY)
-        finally:
-            if saved is None:
-                del os.environ["TZ"]
-            else:
-                os.environ["TZ"] = saved
-            time.tzset()
         self.assertEqual(summer.valid_after, calendar.timegm((2024, 7, 1, 11, 0, 0)))
         self.assertEqual(winter.valid_after, calendar.timegm((2024, 1, 1, 11, 0, 0)))
 
