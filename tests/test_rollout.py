@@ -612,10 +612,14 @@ class FleetStoreTest(unittest.TestCase):
         path = os.path.join(self.tmp, bus.FleetStore.FILE)
         with sqlite3.connect(path) as connection:
             connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            page_size = connection.execute("PRAGMA page_size").fetchone()[0]
+            # the index of box keys: nothing but the check reads it at start
+            root = connection.execute("SELECT rootpage FROM sqlite_master WHERE name = 'sqlite_autoindex_boxes_1'"
+                                      ).fetchone()[0]
         with open(path, "r+b") as damaged:
-            damaged.seek(4096 * 3)
-            damaged.write(b"\xff" * 4096)
-        with self.assertRaisesRegex(bus.SettingsError, "cannot be used"):
+            damaged.seek(page_size * (root - 1))
+            damaged.write(b"\xff" * page_size)
+        with self.assertRaisesRegex(bus.SettingsError, "cannot be used: corrupt"):
             bus.FleetStore(self.tmp)
 
     def test_a_newer_schema_is_refused(self):
