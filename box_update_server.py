@@ -1673,7 +1673,13 @@ class RolloutPolicy(NamedTuple):
         """A box named by its id, or whose address is in a canary range."""
         if box_id is not None and box_id in self.canary_ids:
             return True
-        return bool(self.canary_networks) and in_networks(parse_address(address), self.canary_networks)
+        if not self.canary_networks:
+            return False
+        try:
+            parsed = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(parsed in network for network in self.canary_networks)
 
     def pin_for(self, box_id: Optional[str], address: str) -> Optional[int]:
         """The VERSION this box is pinned to, by id first, then by address."""
@@ -1818,6 +1824,7 @@ def read_box_headers(headers: Mapping[str, str]) -> BoxReport:
     return BoxReport(box_id, version, failed, tuple(malformed))
 
 
+@functools.lru_cache(maxsize=1 << 15)     # /latest asks it for every box it answers: a hash is 2 us, a lookup 0.2
 def wave_position(box: str, version: int) -> float:
     """The box's stable place in [0, 1) in the waves of one release: a new release shuffles the fleet anew."""
     digest = hashlib.sha256(("%s\n%d" % (box, version)).encode("utf-8")).digest()
@@ -1850,19 +1857,19 @@ def wave_share(policy: RolloutPolicy, elapsed: float) -> float:
 
 
 class BoxView(NamedTuple):
-    """What choose_update needs to know of one box."""
+    """What choose_update needs to know of one box (a BoxRecord has the same attributes)."""
     box: str                        # its key: id, or else address
     box_id: Optional[str]
     address: str
-    reported: Optional[int]         # the VERSION it says it runs
-    downloaded: Optional[int]       # the VERSION it was last seen downloading
-    failed: Optional[int]           # the VERSION it failed to install
+    reported: Optional[int]                 # the VERSION it says it runs
+    downloaded_version: Optional[int]       # the VERSION it was last seen downloading
+    failed_version: Optional[int]           # the VERSION it failed to install
 
 
-def release_open_to(update: Update, policy: RolloutPolicy, clocks: Mapping[int, ReleaseClock], box: BoxView,
+def release_open_to(update: Update, policy: RolloutPolicy, clocks: Mapping[int, ReleaseClock], box: "AnyBox",
                     now: float) -> bool:
     """Whether the rollout gives this box this release now: started, not halted, canary or its wave reached."""
-    if update.version == box.failed:
+    if update.version == box.failed_version:
         return False          # not again: a failed install reboots nothing, but each retry costs a box an outage
     clock = clocks.get(update.version)
     if clock is None or clock.halted_since is not None:
@@ -1873,7 +1880,7 @@ def release_open_to(update: Update, policy: RolloutPolicy, clocks: Mapping[int, 
 
 
 def choose_update(updates: Sequence[Update], policy: RolloutPolicy, clocks: Mapping[int, ReleaseClock],
-                  box: BoxView, now: float) -> Optional[Update]:
+                  box: "AnyBox", now: float) -> Optional[Update]:
     """The update /latest gives this box: its pin if offered, else the newest release open to it, never older
     than the VERSION it reports or was last seen downloading (unless it failed that one) when that is offered."""
     pinned = policy.pin_for(box.box_id, box.address)
@@ -1881,8 +1888,10 @@ def choose_update(updates: Sequence[Update], policy: RolloutPolicy, clocks: Mapp
         for update in reversed(updates):
             if update.version == pinned:
                 return update
-    floor = max((version for version in (box.reported, box.downloaded if box.downloaded != box.failed else None)
-                 if version is not None), default=None)
+    floor = box.reported
+    downloaded = box.downloaded_version
+    if downloaded is not None and downloaded != box.failed_version and (floor is None or downloaded > floor):
+        floor = downloaded
     for update in reversed(updates):
         if (floor is not None and update.version <= floor) or release_open_to(update, policy, clocks, box, now):
             return update
@@ -1919,10 +1928,6 @@ class BoxRecord:
             setattr(record, column, bool(value) if column == "download_complete" else value)
         return record
 
-    def view(self) -> BoxView:
-        return BoxView(self.box, self.box_id, self.address, self.reported,
-                       self.downloaded_version, self.failed_version)
-
     def state(self, newest: Optional[int], silent_after: float, now: float) -> str:
         """current, offered, downloaded, installed, failed or silent (see BOX_STATES and the README)."""
         reported = -1 if self.reported is None else self.reported
@@ -1940,6 +1945,9 @@ class BoxRecord:
         """It downloaded the release it was last offered completely."""
         return (self.offered_version is not None and self.download_complete
                 and self.downloaded_version == self.offered_version)
+
+
+AnyBox = Union[BoxView, BoxRecord]     # choose_update reads a record as it is, without a copy
 
 
 class FleetStore:
@@ -2063,7 +2071,10 @@ class Rollout:
         self.policy_problem: Optional[str] = None
         self.state_problem: Optional[str] = None
         self.halts = 0
+        started = time.monotonic()
         meta, releases, boxes = store.load()
+        logger.info("rollout: policy %s; state %s: %d box(es) and %d release(s) loaded in %.0f ms", policy_path,
+                    store.path, len(boxes), len(releases), (time.monotonic() - started) * 1000)
         self._meta = meta
         self._meta_dirty: Set[str] = set()
         if "baseline" not in meta:    # a new state: what the folder holds now counts as rolled out already
@@ -2095,19 +2106,23 @@ class Rollout:
         """The update /latest gives this box, noting what it said and what it was offered."""
         now = time.time() if now is None else now
         with self._lock:
-            self._sync(snapshot, now)
+            if snapshot is not self._synced:
+                self._sync(snapshot, now)
             record = self._record(report, client, now)
-            before = record.row()
+            before = (record.address, record.reported, record.offered, record.failed_version)
+            record.address, record.last_seen = client, now
             if report.version is not None:
                 record.reported = report.version
             if report.failed is not None:
                 self._fail(record, report.failed, now, "it said so")
-            self._check_install(record, now)
-            update = choose_update(snapshot.updates, self.policy, self._clocks, record.view(), now)
+            if record.downloaded_version is not None:
+                self._check_install(record, now)
+            update = choose_update(snapshot.updates, self.policy, self._clocks, record, now)
             if update is not None:
                 record.offered, record.offered_version = update.name, update.version
-                self._warn_unoffered_pin(snapshot, record)
-            self._changed(record, before)
+                if self.policy.pins:
+                    self._warn_unoffered_pin(snapshot, record)
+            self._changed(record, before != (record.address, record.reported, record.offered, record.failed_version))
         if report.malformed:
             self._log_malformed(report, client)
         return update
@@ -2118,14 +2133,14 @@ class Rollout:
         now = time.time() if now is None else now
         with self._lock:
             record = self._record(report, client, now)
-            before = record.row()
+            record.address, record.last_seen = client, now
             record.downloaded_version, record.download_complete = update.version, complete
             if complete:
                 record.downloaded_at = now
-            self._changed(record, before)
+            self._changed(record, True)
 
     def _record(self, report: BoxReport, client: str, now: float) -> BoxRecord:
-        """The box's record, made (and the longest unseen forgotten beyond max_boxes) when new; seen now."""
+        """The box's record, made (and the longest unseen forgotten beyond max_boxes) when new, last in line."""
         box = report.box(client)
         record = self._boxes.get(box)
         if record is None:
@@ -2136,13 +2151,11 @@ class Rollout:
             self._dirty.add(box)
         else:
             self._boxes.move_to_end(box)
-        record.address, record.last_seen = client, now
         return record
 
-    def _changed(self, record: BoxRecord, before: Tuple[Any, ...]) -> None:
+    def _changed(self, record: BoxRecord, more_than_seen: bool) -> None:
         """Queue the record for writing: soon when more than its last_seen changed."""
-        after = record.row()
-        if after[:4] != before[:4] or after[5:] != before[5:]:
+        if more_than_seen:
             if not self._dirty:
                 self._wake.set()
             self._dirty.add(record.box)
@@ -2381,6 +2394,7 @@ class Rollout:
         """The rollout of the newest release, as /fleet shows it."""
         latest = snapshot.latest
         with self._lock:
+            self._sync(snapshot, now)     # a release seen here first starts here
             clock = self._clocks.get(latest.version) if latest else None
             policy, policy_problem = self.policy, self.policy_problem
         summary: Dict[str, Any] = {
