@@ -14,9 +14,10 @@ The file reads top to bottom in the order data flows:
 4. Catalog         which updates are offered, kept fresh by background threads
 5. HTTP rules      pure functions: request heads, framing, ranges, preconditions (RFC 9110, 9112)
 6. Metrics         counters for Prometheus
-7. Handler         routing and responses
-8. Server          connections, their limits, signals and graceful shutdown
-9. Command line
+7. Connections     the HTTP/1.1 protocol layer: request heads, the one answer path, access lines
+8. Routes          the application: what each route answers
+9. Server          connections, their limits, signals and graceful shutdown
+10. Command line
 
 Standard library only, CPython 3.7 to 3.13, Linux (sendfile, TCP_CORK, SIOCOUTQ).
 """
@@ -45,6 +46,7 @@ import os
 import posixpath
 import re
 import signal
+import socketserver
 import socket
 import sqlite3
 import stat
@@ -1093,15 +1095,33 @@ class SignatureVerdict(NamedTuple):
     problem: Optional[str]
     armored: Optional[bytes]     # served as /update/<name>.sig
     signer: Optional[str]        # the principals of the allowed_signers line that verified it
-    signers: Optional[Sequence[AllowedSigner]]   # the keys it was judged under
+    generation: int              # the keys it was judged under (Keys.generation)
 
 
-OFFERED, WAITING, UNSIGNED, REJECTED = "offered", "waiting", "unsigned", "rejected"
+class Keys(NamedTuple):
+    """The allowed_signers keys in force; each reload gives a new generation, so a verdict knows its keys."""
+    generation: int
+    signers: Optional[Sequence[AllowedSigner]]    # None: signatures not required
+    problem: Optional[str] = None                 # why no key can be used (then nothing signed is offered)
+
+    @property
+    def required(self) -> bool:
+        """Whether an update needs a .sig a listed key made: fails closed while the keys are unusable."""
+        return self.signers is not None
+
+
+# What the catalog knows of a candidate: the states it moves through, set in one place (Catalog._record).
+CHECKING = "being checked"               # its archive or signature is still to be judged
+UNSIGNED = "waiting for its signature"   # signatures are required and no .sig lies beside it
+OFFERED = "offered"
+REJECTED = "rejected"                    # Candidate.reason says why
+STATES = (CHECKING, UNSIGNED, OFFERED, REJECTED)
 
 
 class Candidate:
     """A correctly named regular file in the updates folder, its .sig if any, and what is known of them."""
-    __slots__ = ("name", "digits", "version", "identity", "signature_identity", "archive", "signature")
+    __slots__ = ("name", "digits", "version", "identity", "signature_identity", "digests", "archive", "signature",
+                 "state", "reason")
 
     def __init__(self, name: str, digits: str, identity: FileIdentity,
                  signature_identity: Optional[FileIdentity]) -> None:
@@ -1110,27 +1130,41 @@ class Candidate:
         self.version = int(digits)
         self.identity = identity
         self.signature_identity = signature_identity
-        self.archive: Optional[ArchiveVerdict] = None
-        self.signature: Optional[SignatureVerdict] = None
+        self.digests: Optional[Digests] = None             # of the file's bytes, from whichever pass read them
+        self.archive: Optional[ArchiveVerdict] = None      # the archive checks' verdict, once they ran
+        self.signature: Optional[SignatureVerdict] = None  # the .sig's verdict, once it was read
+        self.state = CHECKING
+        self.reason: Optional[str] = None
 
-    def status(self, verify: bool, signed: bool) -> str:
-        """OFFERED, WAITING (to be checked), UNSIGNED (waiting for its .sig) or REJECTED."""
-        if self.archive is not None and self.archive.problem:
-            return REJECTED
-        if signed:
-            if self.signature_identity is None:
-                return UNSIGNED
-            if self.signature is not None and self.signature.problem:
-                return REJECTED
-            return OFFERED if self.signature is not None and self.signature.signer else WAITING
-        if self.archive is None:
-            return OFFERED if not verify else WAITING
-        return OFFERED
+    def needs_work(self, keys: Keys) -> bool:
+        """Whether the checker has something to do: judge it, or (offered) hash it or read its .sig to serve."""
+        if self.state == CHECKING:
+            return True
+        if self.state != OFFERED:
+            return False
+        return self.digests is None or (self.signature_identity is not None and (
+            self.signature is None or self.signature.generation != keys.generation))
 
-    def needs_work(self) -> bool:
-        """The archive is unchecked, or its (present) .sig is unread."""
-        return self.archive is None or (
-            self.archive.problem is None and self.signature is None and self.signature_identity is not None)
+
+def judge(candidate: Candidate, verify: bool, keys: Keys) -> Tuple[str, Optional[str]]:
+    """A candidate's state and reason from what is known of it: pure, so each rule is in one place.
+
+    With signatures required, the signature is judged first, over the file as stored, so an
+    unsigned or wrongly signed file is never decompressed.
+    """
+    archive, signature = candidate.archive, candidate.signature
+    if archive is not None and archive.problem:
+        return REJECTED, archive.problem
+    if keys.required:
+        if candidate.signature_identity is None:
+            return UNSIGNED, None
+        if signature is None or signature.generation != keys.generation:
+            return CHECKING, None
+        if signature.problem:
+            return REJECTED, signature.problem
+    if archive is None and verify:
+        return CHECKING, None
+    return OFFERED, None
 
 
 class Update(NamedTuple):
@@ -1156,6 +1190,7 @@ class Snapshot(NamedTuple):
     unsigned: int                   # archives waiting for their .sig
     signatures_required: bool
     changed_at: float               # when the folder last changed (time.time())
+    keys_problem: Optional[str] = None      # why allowed_signers cannot be used: nothing signed is offered
 
     @property
     def latest(self) -> Optional[Update]:
@@ -1346,8 +1381,8 @@ class CheckQueue:
         self._pushed += 1
         heapq.heappush(self._heap, (-candidate.version, candidate.name, self._pushed, candidate))
 
-    def pop(self, is_current: Callable[[Candidate], bool]) -> Optional[Candidate]:
-        """The newest current candidate that needs work and has settled, or None."""
+    def pop(self, is_current: Callable[[Candidate], bool], keys: Keys) -> Optional[Candidate]:
+        """The newest current candidate that needs work under these keys and has settled, or None."""
         settled_before = time.time_ns() - int(self.SETTLE_SECONDS * 1e9)
         settling, self._settling = self._settling, []
         for candidate in settling:
@@ -1355,9 +1390,9 @@ class CheckQueue:
                 self.push(candidate)
         while self._heap:
             candidate = heapq.heappop(self._heap)[3]
-            if not is_current(candidate) or not candidate.needs_work():
+            if not is_current(candidate) or not candidate.needs_work(keys):
                 continue
-            if candidate.archive is None and candidate.identity.mtime_ns > settled_before:
+            if candidate.digests is None and candidate.identity.mtime_ns > settled_before:
                 self._settling.append(candidate)
                 continue
             return candidate
@@ -1372,10 +1407,11 @@ class Catalog:
     """Which updates are offered: the folder's files, what checking them found, and the Snapshot requests read.
 
     A watcher thread reports what changed in the folder and a checker thread works
-    through candidates newest first.  Both hand their results in under one lock; any
-    change to what boxes are offered is published at once as a new immutable Snapshot,
-    while a bulk of verdicts for older files is published at most every publish_interval
-    (which grows with the cost of publishing, so a huge folder cannot spend its time on it).
+    through candidates newest first.  Both hand their results in under one lock, and
+    _record is the one place a candidate's state moves.  A change to what boxes are
+    offered is published at once as a new immutable Snapshot, while a bulk of verdicts
+    that offer nothing new is published at most every publish_interval (which grows with
+    the cost of publishing, so a huge folder cannot spend its time on it).
     """
 
     MIN_PUBLISH_INTERVAL = 0.25
@@ -1384,7 +1420,7 @@ class Catalog:
                  signers: Optional[Sequence[AllowedSigner]] = None) -> None:
         self.updates_dir = updates_dir
         self.verify = verify
-        self.signers = signers
+        self.keys = Keys(0, signers)
         self.snapshot = EMPTY_SNAPSHOT
         self.checking_seconds = 0.0
         self.publish_interval = self.MIN_PUBLISH_INTERVAL
@@ -1396,6 +1432,12 @@ class Catalog:
         self._changed_at = time.time()
         self._published_at = 0.0
         self._unpublished = False
+        self._offer_changed = False
+
+    @property
+    def signers(self) -> Optional[Sequence[AllowedSigner]]:
+        """The keys in force (None: signatures are not required)."""
+        return self.keys.signers
 
     def start(self) -> None:
         """Scan once, so the first requests see the folder, then watch and check in the background."""
@@ -1415,22 +1457,31 @@ class Catalog:
         """A request found a file that is not the one checked: look at it again at once."""
         self.watcher.look_again(name)
 
-    def reload(self, signers: Optional[Sequence[AllowedSigner]]) -> None:
-        """SIGHUP: list and re-stat the whole folder, and judge every signature again under these keys.
+    def reload(self, signers: Optional[Sequence[AllowedSigner]], problem: Optional[str] = None) -> None:
+        """SIGHUP, an edited allowed_signers or a key's validity boundary passing: list and re-stat the whole
+        folder, and judge every signature again under these keys (problem: none can be used).
 
-        The .sig files are read again but no archive is: its digests are kept.  Verdicts
-        are swapped in together, so what is offered does not flicker meanwhile.
+        The .sig files are read again but no archive is: its digests are kept.  Verdicts are
+        recorded together, and states move only when they are, so what is offered does not
+        flicker meanwhile.
         """
         self.watcher.look_again()
         with self._lock:
-            self.signers = signers
-            judged = [candidate for candidate in self._candidates.values() if candidate.signature is not None]
-        verdicts = [(candidate, self._check_signature(candidate, signers)) for candidate in judged]
+            keys = self.keys = Keys(self.keys.generation + 1, signers, problem)
+            candidates = list(self._candidates.values())
+        verdicts = [(candidate, self._check_signature(candidate, keys, candidate.digests))
+                    for candidate in candidates if candidate.digests is not None and candidate.signature_identity]
         with self._lock:
+            if keys is not self.keys:
+                return      # another reload came after this one, and records its own
             for candidate, verdict in verdicts:
-                if self._is_current(candidate) and verdict is not None and signers is self.signers:
-                    self._record_signature(candidate, verdict)
+                if self._is_current(candidate) and verdict is not None:
+                    candidate.signature = verdict
+            for candidate in candidates:
+                if self._is_current(candidate):
+                    self._record(candidate)
             self._publish()
+            self._lock.notify_all()
 
     # The watcher -----------------------------------------------------------
 
@@ -1469,9 +1520,9 @@ class Catalog:
             return
         candidate = Candidate(name, digits, identity, signature_identity)
         if known is not None and known.identity == identity:
-            candidate.archive = known.archive    # only the .sig changed: the archive's verdict stands
+            candidate.digests, candidate.archive = known.digests, known.archive    # only the .sig changed
         self._candidates[name] = candidate
-        self._queue.push(candidate)
+        self._record(candidate)
 
     # The checker -----------------------------------------------------------
 
@@ -1479,118 +1530,162 @@ class Catalog:
         """Work through the candidates newest first, publishing as verdicts come in."""
         while not self._stopping.is_set():
             with self._lock:
-                candidate = self._queue.pop(self._is_current)
+                candidate = self._queue.pop(self._is_current, self.keys)
                 if candidate is None:
                     if self._unpublished:
                         self._publish()
                     self._lock.wait(self.watcher.POLL_SECONDS if self._queue.settling() else None)
                     continue
-                signers = self.signers
+                keys = self.keys
+            started = time.monotonic()
             try:
-                started = time.monotonic()
-                archive = candidate.archive or self._check_archive(candidate)
-                signature = None
-                if archive is not None and archive.problem is None and candidate.signature_identity is not None:
-                    signature = self._check_signature(candidate, signers, archive)
-                self.checking_seconds += time.monotonic() - started
+                found = self._check(candidate, keys)
             except Exception:  # pylint: disable=broad-except
                 logger.exception("checking %s failed", candidate.name)
                 continue
+            finally:
+                self.checking_seconds += time.monotonic() - started
             with self._lock:
                 if not self._is_current(candidate):
                     continue
-                if archive is None:     # it changed while being checked: the watcher brings the new version
+                if found is None:       # it changed while being checked: the watcher brings the new version
                     self.watcher.look_again(candidate.name)
                     continue
-                self._record_archive(candidate, archive)
-                if signature is not None and signers is self.signers:
-                    self._record_signature(candidate, signature)
-                elif signature is None and candidate.signature_identity is not None and archive.problem is None:
-                    self.watcher.look_again(candidate.name + SIGNATURE_SUFFIX)
-                elif candidate.needs_work():
-                    self._queue.push(candidate)   # judged under keys that SIGHUP has replaced since
-                self._unpublished = True
-                latest = self.snapshot.latest
-                if (latest is None or candidate.version >= latest.version
-                        or time.monotonic() - self._published_at >= self.publish_interval):
+                digests, archive, signature = found
+                if signature is not None and signature.generation != self.keys.generation:
+                    signature = None    # judged under keys that a reload has replaced since: judged again
+                self._record(candidate, digests, archive, signature)
+                if self._offer_changed or time.monotonic() - self._published_at >= self.publish_interval:
                     self._publish()
 
-    def _is_current(self, candidate: Candidate) -> bool:
-        return self._candidates.get(candidate.name) is candidate
+    def _check(self, candidate: Candidate, keys: Keys) -> Optional[Tuple[Optional[Digests], Optional[ArchiveVerdict],
+                                                                        Optional[SignatureVerdict]]]:
+        """The next passes a candidate needs, outside the lock; None when its file changed meanwhile.
+
+        With signatures required: hash the file as stored and verify its .sig first, and
+        decompress only a file a listed key signed.
+        """
+        digests, archive, signature = candidate.digests, None, None
+        if keys.required and candidate.state == CHECKING:
+            if digests is None:
+                try:
+                    digests = self._read(candidate, hash_update_file)
+                except OSError as error:
+                    return None, ArchiveVerdict("cannot be read: %s" % (error.strerror or error), None), None
+                if digests is None:
+                    return None
+            if candidate.signature is None or candidate.signature.generation != keys.generation:
+                signature = self._check_signature(candidate, keys, digests)
+                if signature is None:
+                    return None
+                if signature.problem:
+                    return digests, None, signature
+        if candidate.archive is None and (self.verify or digests is None):
+            archive = self._check_archive(candidate)
+            if archive is None:
+                return None
+            if archive.problem is None and digests is not None and archive.digests != digests:
+                return None     # not the bytes that were hashed before
+            digests = archive.digests or digests
+        if (not keys.required and candidate.signature_identity is not None and digests is not None
+                and (candidate.signature is None or candidate.signature.generation != keys.generation)):
+            signature = self._check_signature(candidate, keys, digests)   # read, to be served as it is
+        return digests, archive, signature
+
+    def _read(self, candidate: Candidate, reader: Callable[[BinaryIO], T]) -> Optional[T]:
+        """reader over the candidate's file; None when the file is not (or no longer) the candidate's."""
+        with open_regular_file(os.path.join(self.updates_dir, candidate.name)) as fileobj:
+            result = reader(fileobj)
+            if FileIdentity.from_stat(os.fstat(fileobj.fileno())) != candidate.identity:
+                return None     # the result is about bytes that are no longer there
+            return result
 
     def _check_archive(self, candidate: Candidate) -> Optional[ArchiveVerdict]:
-        """One pass over the archive; None when the file is not (or no longer) the candidate's."""
+        """One pass over the archive (verify_updates false: the digests alone); None when the file changed."""
+        def verdict(fileobj: BinaryIO) -> ArchiveVerdict:
+            try:
+                if self.verify:
+                    return ArchiveVerdict(None, check_update_archive(fileobj, candidate.digits))
+                return ArchiveVerdict(None, hash_update_file(fileobj))
+            except ArchiveError as error:
+                return ArchiveVerdict(str(error), None)
         try:
-            with open_regular_file(os.path.join(self.updates_dir, candidate.name)) as fileobj:
-                try:
-                    if self.verify:
-                        verdict = ArchiveVerdict(None, check_update_archive(fileobj, candidate.digits))
-                    else:
-                        verdict = ArchiveVerdict(None, hash_update_file(fileobj))
-                except ArchiveError as error:
-                    verdict = ArchiveVerdict(str(error), None)
-                if FileIdentity.from_stat(os.fstat(fileobj.fileno())) != candidate.identity:
-                    return None     # the verdict is about bytes that are no longer there
-                return verdict
+            return self._read(candidate, verdict)
         except OSError as error:
             return ArchiveVerdict("cannot be read: %s" % (error.strerror or error), None)
 
-    def _check_signature(self, candidate: Candidate, signers: Optional[Sequence[AllowedSigner]],
-                         archive: Optional[ArchiveVerdict] = None) -> Optional[SignatureVerdict]:
-        """Read the .sig (and, with keys configured, verify it); None when it changed meanwhile."""
-        archive = archive or candidate.archive
+    def _check_signature(self, candidate: Candidate, keys: Keys,
+                         digests: Optional[Digests]) -> Optional[SignatureVerdict]:
+        """Read the .sig (and, with keys configured, verify it over digests); None when it changed meanwhile."""
         path = os.path.join(self.updates_dir, candidate.name + SIGNATURE_SUFFIX)
         try:
             armored = read_signature_file(path, candidate.signature_identity)
             if armored is None:
                 return None
-            if not signers:
-                return SignatureVerdict(None, armored, None, signers)
-            if archive is None or archive.digests is None:
+            if not keys.required:
+                return SignatureVerdict(None, armored, None, keys.generation)
+            if keys.problem or not keys.signers:
+                raise SignatureError(keys.problem or "allowed_signers lists no usable key")
+            if digests is None:
                 return None
             parsed = parse_sshsig(armored)
-            digest = archive.digests.for_algorithm(parsed.hash_algorithm)
-            signer = verify_sshsig(parsed, digest, signers, SIGNATURE_NAMESPACE)
-            return SignatureVerdict(None, armored, signer, signers)
+            signer = verify_sshsig(parsed, digests.for_algorithm(parsed.hash_algorithm), keys.signers,
+                                   SIGNATURE_NAMESPACE)
+            return SignatureVerdict(None, armored, signer, keys.generation)
         except SignatureError as error:
-            return SignatureVerdict("signature: %s" % error, None, None, signers)
+            return SignatureVerdict("signature: %s" % error, None, None, keys.generation)
 
-    def _record_archive(self, candidate: Candidate, verdict: ArchiveVerdict) -> None:
-        if candidate.archive is None:
-            candidate.archive = verdict
-            if verdict.problem:
-                logger.warning("rejected %s: %s", candidate.name, verdict.problem)
-            elif self.signers and candidate.signature_identity is None:
-                logger.info("%s waits for its signature %s%s", candidate.name, candidate.name, SIGNATURE_SUFFIX)
+    def _is_current(self, candidate: Candidate) -> bool:
+        return self._candidates.get(candidate.name) is candidate
 
-    def _record_signature(self, candidate: Candidate, verdict: SignatureVerdict) -> None:
-        logged = candidate.signature is not None and candidate.signature.problem == verdict.problem
-        candidate.signature = verdict
-        if verdict.problem and not logged:
-            if self.signers:
-                logger.warning("rejected %s: %s", candidate.name, verdict.problem)
-            else:
-                logger.warning("not serving %s%s: %s", candidate.name, SIGNATURE_SUFFIX, verdict.problem)
-        elif verdict.signer:
-            logger.info("%s is signed by %s", candidate.name, verdict.signer)
+    # Recording ---------------------------------------------------------------
+
+    def _record(self, candidate: Candidate, digests: Optional[Digests] = None,
+                archive: Optional[ArchiveVerdict] = None, signature: Optional[SignatureVerdict] = None) -> None:
+        """The one place a candidate's state moves: take in what a check found, judge, log, queue what is left.
+
+        Called with the lock held.
+        """
+        candidate.digests = digests or candidate.digests
+        candidate.archive = archive or candidate.archive
+        if signature is not None:
+            if signature.problem and not self.keys.required and (
+                    candidate.signature is None or candidate.signature.problem != signature.problem):
+                logger.warning("not serving %s%s: %s", candidate.name, SIGNATURE_SUFFIX, signature.problem)
+            candidate.signature = signature
+        before = (candidate.state, candidate.reason)
+        candidate.state, candidate.reason = judge(candidate, self.verify, self.keys)
+        if (candidate.state, candidate.reason) != before:
+            self._offer_changed |= OFFERED in (before[0], candidate.state)
+            self._log_state(candidate)
+        if candidate.needs_work(self.keys):
+            self._queue.push(candidate)
+        self._unpublished = True
+
+    def _log_state(self, candidate: Candidate) -> None:
+        """One line when a candidate reaches a state worth telling an operator."""
+        if candidate.state == REJECTED and not self.keys.problem:    # that problem is logged once, not per file
+            logger.warning("rejected %s: %s", candidate.name, candidate.reason)
+        elif candidate.state == UNSIGNED:
+            logger.info("%s waits for its signature %s%s", candidate.name, candidate.name, SIGNATURE_SUFFIX)
+        elif candidate.state == OFFERED and candidate.signature is not None and candidate.signature.signer:
+            logger.info("%s is signed by %s", candidate.name, candidate.signature.signer)
 
     # Publishing --------------------------------------------------------------
 
     def _publish(self) -> None:
         """Replace the snapshot; called with the lock held."""
         started = time.monotonic()
-        signed = bool(self.signers)
-        counts = {OFFERED: 0, WAITING: 0, UNSIGNED: 0, REJECTED: 0}
+        counts = dict.fromkeys(STATES, 0)
         offered, unchecked = [], 0
         for candidate in self._candidates.values():
-            status = candidate.status(self.verify, signed)
-            counts[status] += 1
-            if status == OFFERED:
+            counts[candidate.state] += 1
+            if candidate.state == OFFERED:
                 offered.append(candidate)
-            if status != REJECTED and candidate.needs_work():
+            if candidate.state != REJECTED and candidate.needs_work(self.keys):
                 unchecked += 1
         offered.sort(key=lambda c: (c.version, c.name))
-        updates = tuple(self._update(candidate, signed) for candidate in offered)
+        updates = tuple(self._update(candidate) for candidate in offered)
         self.snapshot = Snapshot(
             updates=updates,
             by_name={update.name: update for update in updates},
@@ -1599,20 +1694,21 @@ class Catalog:
             rejected=counts[REJECTED],
             waiting=unchecked,
             unsigned=counts[UNSIGNED],
-            signatures_required=signed,
+            signatures_required=self.keys.required,
+            keys_problem=self.keys.problem,
             changed_at=self._changed_at,
         )
         self._published_at = time.monotonic()
-        self._unpublished = False
+        self._unpublished = self._offer_changed = False
         self.publish_interval = max(self.MIN_PUBLISH_INTERVAL, 10 * (self._published_at - started))
 
-    def _update(self, candidate: Candidate, signed: bool) -> Update:
-        archive, signature = candidate.archive, candidate.signature
-        digests = archive.digests if archive else None
+    def _update(self, candidate: Candidate) -> Update:
+        signature = candidate.signature
         return Update(
             name=candidate.name, version=candidate.version,
             path=os.path.join(self.updates_dir, candidate.name), identity=candidate.identity,
-            checked=self.verify or signed, sha256=digests.sha256 if digests else None,
+            checked=self.verify or self.keys.required,
+            sha256=candidate.digests.sha256 if candidate.digests else None,
             signature=signature.armored if signature else None, signer=signature.signer if signature else None)
 
 
@@ -2830,11 +2926,6 @@ def repr_digest(sha256: bytes) -> str:
     return "sha-256=:%s:" % base64.b64encode(sha256).decode("ascii")
 
 
-# An update's name carries its VERSION, so the bytes under it never change (RFC 9111 §5.2.2.1, RFC 8246);
-# everything else names "the newest" or "now" and is revalidated on every use.
-CACHE_IMMUTABLE = "public, max-age=31536000, immutable"
-CACHE_REVALIDATE = "no-cache"
-
 # Control characters (and the backslash that escapes them) as \xNN, so a
 # request can neither forge a log line nor send terminal escape sequences.
 _LOG_ESCAPES = {code: "\\x%02x" % code for code in list(range(0x20)) + list(range(0x7F, 0xA0))}
@@ -2846,12 +2937,119 @@ def escape_for_log(text: str) -> str:
     return text.translate(_LOG_ESCAPES)
 
 
+@functools.lru_cache(maxsize=64)
+def format_http_date(seconds: int) -> str:
+    """An HTTP-date (RFC 9110 §5.6.7); cached, since Date changes once a second and Last-Modified rarely."""
+    return email.utils.formatdate(seconds, usegmt=True)
+
+
+# An update's name carries its VERSION, so the bytes under it never change (RFC 9111 §5.2.2.1, RFC 8246);
+# everything else names "the newest" or "now" and is revalidated on every use.
+CACHE_IMMUTABLE = "public, max-age=31536000, immutable"
+CACHE_REVALIDATE = "no-cache"
+CACHE_NEVER = "no-store"
+
+
+class FileBody(NamedTuple):
+    """An open update file an answer streams from; the protocol layer sends it and closes the descriptor."""
+    descriptor: int
+    first: int                      # the first byte to send
+    length: int
+    identity: FileIdentity          # what the file must still be between pieces
+    name: str
+
+
+class Answer(NamedTuple):
+    """What a route answers. answer_fields turns it into header fields, the same way for every route."""
+    status: int
+    route: str = "other"             # the metrics label
+    body: bytes = b""
+    content_type: Optional[str] = "text/plain"
+    fields: Tuple[Tuple[str, str], ...] = ()
+    cache: str = CACHE_REVALIDATE    # Cache-Control of a success or a 304; every error is CACHE_REVALIDATE
+    file: Optional[FileBody] = None  # the body comes from this file instead
+
+
+def text_answer(status: int, text: str, route: str = "other", fields: Sequence[Tuple[str, str]] = ()) -> Answer:
+    """A short plain-text answer, such as an error."""
+    return Answer(status, route, text.encode("utf-8"), fields=tuple(fields))
+
+
+def cacheable_answer(headers: Mapping[str, str], body: bytes, content_type: str, cache: str, route: str) -> Answer:
+    """A small body with an ETag, so a client or cache revalidates it with a 304 (RFC 9110 §13.1.2)."""
+    etag = content_etag(body)
+    status = evaluate_preconditions(headers, etag, None) or 200
+    return Answer(status, route, body, content_type, (("ETag", etag),), cache)
+
+
+# Metadata of the representation sent (RFC 9110 §8.8, RFC 9530, RFC 6266): only with its content, 200 or 206.
+REPRESENTATION_FIELDS = frozenset(("ETag", "Last-Modified", "Repr-Digest", "Content-Disposition", "Accept-Ranges"))
+# RFC 9110 §15.4.5: a 304 carries those of these a 200 would (with Cache-Control and Date), and nothing else,
+# as Go's writeNotModified.
+NOT_MODIFIED_FIELDS = frozenset(("ETag", "Vary", "Content-Location", "Expires"))
+
+
+def cache_control(status: int, cache: str) -> str:
+    """A success, redirect or 304 keeps its route's policy; an error is revalidated on every use, so no cache
+    keeps a 404 or a 412 as if it were the update (RFC 9111 §4.2.2 allows heuristic freshness otherwise)."""
+    return cache if status < 400 else CACHE_REVALIDATE
+
+
+def answer_fields(answer: Answer) -> List[Tuple[str, str]]:
+    """The header fields of an answer (Date, Server and Connection aside), chosen by its status in one place."""
+    if answer.status == 304:
+        fields = [(name, value) for name, value in answer.fields if name in NOT_MODIFIED_FIELDS]
+    else:
+        fields = [("Content-Type", answer.content_type)] if answer.content_type else []
+        fields.append(("Content-Length", str(answer.file.length if answer.file is not None else len(answer.body))))
+        fields += [(name, value) for name, value in answer.fields
+                   if answer.status in (200, 206) or name not in REPRESENTATION_FIELDS]
+    fields.append(("Cache-Control", cache_control(answer.status, answer.cache)))
+    return fields
+
+
+def raw_answer(answer: Answer) -> bytes:
+    """A whole answer that closes its connection, for sockets that never reach a handler thread."""
+    lines = ["HTTP/1.1 %d %s" % (answer.status, http.client.responses[answer.status])]
+    lines += ["%s: %s" % field for field in answer_fields(answer)] + ["Connection: close"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + answer.body
+
+
+@contextlib.contextmanager
+def tcp_corked(connection: socket.socket) -> Iterator[None]:
+    """Send only full segments while a file streams out, as nginx's tcp_nopush does.
+
+    Linux TCP_CORK holds partial segments even with TCP_NODELAY on; uncorking at the end
+    sends the last one at once.
+    """
+    cork = getattr(socket, "TCP_CORK", None)
+    if cork is None:
+        yield
+        return
+    connection.setsockopt(socket.IPPROTO_TCP, cork, 1)
+    try:
+        yield
+    finally:
+        try:
+            connection.setsockopt(socket.IPPROTO_TCP, cork, 0)
+        except OSError:
+            pass  # the client is gone
+
+
 # ---------------------------------------------------------------------------
 # 6. Metrics
 # ---------------------------------------------------------------------------
 
 SMALL_ROUTES = ("/", "/ls", "/latest", "/version")
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class ConnectionCounts(NamedTuple):
+    """The connection table's figures at one moment, as the metrics show them."""
+    open: int
+    accepted: int
+    evicted: int
+    refused: Mapping[str, int]      # by reason: "full" or "client"
 
 
 class Metrics:
@@ -2888,7 +3086,7 @@ class Metrics:
                 buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
                 self.duration_sums[route] += seconds
 
-    def render(self, snapshot: Snapshot, connections: "ConnectionTable", checking_seconds: float) -> bytes:
+    def render(self, snapshot: Snapshot, connections: ConnectionCounts, checking_seconds: float) -> bytes:
         """The Prometheus text exposition format 0.0.4."""
         out = MetricsWriter()
         with self._lock:
@@ -2908,7 +3106,7 @@ class Metrics:
                           "Time to answer the small routes, from the request head to the last byte.",
                           self.durations, self.duration_sums)
         out.family("box_update_server_connections_open", "gauge", "Connections open now.",
-                   [({}, connections.open_count())])
+                   [({}, connections.open)])
         out.family("box_update_server_connections_accepted_total", "counter", "Connections given a slot.",
                    [({}, connections.accepted)])
         out.family("box_update_server_connections_refused_total", "counter",
@@ -2974,12 +3172,10 @@ class MetricsWriter:
 
 
 # ---------------------------------------------------------------------------
-# 7. Handler
+# 7. HTTP/1.1 connections: the protocol layer
 # ---------------------------------------------------------------------------
-
-NOT_FOUND = "Resource not found."
-NO_UPDATES = "Update dir does not contain any valid updates."
-
+# Reads request heads under their deadlines, frames answers, writes every answer through
+# send_answer, logs one access line a request.  What a request means is the routes' business.
 
 def set_socket_timeout(connection: socket.socket, option: int, seconds: float) -> None:
     """SO_RCVTIMEO or SO_SNDTIMEO: a blocking socket whose calls give up after seconds.
@@ -3059,12 +3255,31 @@ def unsent_bytes(connection: socket.socket) -> int:
         return 0
 
 
-class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
-    """Routes /, /ls, /latest, /version, /update/<name>[.sha256|.sig] and /metrics, for GET and HEAD.
+class Request(NamedTuple):
+    """A request as the routes see it."""
+    method: str
+    path: str                       # the target's path, without its query
+    headers: Mapping[str, str]      # lower-case names
+    client: str                     # the client's address, behind trusted proxies
 
-    Reading a request is our own and strict about framing (RFC 9112); writing answers
-    uses http.server's send_response, send_header and end_headers.  Per-request state
-    is set in handle_one_request, as BaseHTTPRequestHandler does for its own.
+
+class ProtocolContext(NamedTuple):
+    """What the protocol layer needs from the server, handed to every connection."""
+    idle_timeout: float
+    head_timeout: float
+    trusted_proxies: Tuple[Network, ...]
+    connections: "ConnectionTable"
+    access_log: "AccessLog"
+    metrics: Metrics
+    stopping: Callable[[], bool]     # true once a graceful stop began: each answer is the connection's last
+
+
+class ConnectionHandler(http.server.BaseHTTPRequestHandler):
+    """One connection: strict HTTP/1.1 heads in (RFC 9112), answers out through send_answer, an access line each.
+
+    Writing the status line, Server and Date is http.server's (send_response); what a
+    request means is respond's, a function from Request to Answer.  Per-request state is
+    set in handle_one_request, as BaseHTTPRequestHandler does for its own.
     """
     # pylint: disable=attribute-defined-outside-init,too-many-instance-attributes
 
@@ -3078,21 +3293,25 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
     copy_chunk = 8 << 20         # bytes per sendfile call between checks that the file is unchanged
     min_send_rate = 1024         # bytes a second a download must average over idle_timeout, or it is cut
 
-    server: "BoxUpdateServer"  # set by socketserver
+    def __init__(self, request: socket.socket, client_address: Any, server: socketserver.BaseServer,
+                 context: ProtocolContext, respond: Callable[[Request], Answer]) -> None:
+        self.context = context
+        self.respond = respond
+        super().__init__(request, client_address, server)
 
     def setup(self) -> None:
         """StreamRequestHandler's setup, reading through a RequestReader."""
         self.connection = self.request
-        settings = self.server.settings
-        self.reader = RequestReader(self.connection, settings.idle_timeout, settings.request_header_timeout)
+        context = self.context
+        self.reader = RequestReader(self.connection, context.idle_timeout, context.head_timeout)
         self.rfile = io.BufferedReader(self.reader)
         self.wfile = self.connection.makefile("wb", self.wbufsize)
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        set_socket_timeout(self.connection, socket.SO_SNDTIMEO, settings.idle_timeout)
+        set_socket_timeout(self.connection, socket.SO_SNDTIMEO, context.idle_timeout)
         self.peer = str(parse_address(self.client_address[0]) or self.client_address[0])
-        self.slot = self.server.connections.slot_of(self.connection)
+        self.slot = context.connections.slot_of(self.connection)
 
-    # One request, from its first byte to its access log line --------------
+    # One request, from its first byte to its access line ---------------------
 
     def handle_one_request(self) -> None:
         """Read a request head, answer it, log it; a client that stalls or goes away just ends the connection."""
@@ -3102,7 +3321,6 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
         self.command, self.path, self.request_version, self.requestline = "", "", "HTTP/1.0", ""
         self.raw_requestline = b""
         self.client = self.peer
-        self.request_headers: Dict[str, str] = {}
         self.route_label = "other"
         self.download: Optional[Tuple[str, bool]] = None
         self.ranged = False
@@ -3112,21 +3330,26 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
                 self.close_connection = True
                 return
             self.slot.begin_request()
+            answer: Optional[Answer] = None
             try:
-                self.answer(head)
+                answer = self.respond(self.request_from(head))
+                self.send_answer(answer)
                 self.wfile.flush()
             finally:
                 self.slot.end_request()
+                if answer is not None and answer.file is not None:
+                    os.close(answer.file.descriptor)
         except BadRequest as error:
-            self.answer_bad_request(error.status, error.reason)
+            self.answer_error(error.status, error.reason)
         except socket.timeout:
             if self.reader.deadline is not None:     # a head began but did not arrive in time
-                self.answer_bad_request(408, "Request timeout.")
+                self.answer_error(408, "Request timeout.")
             self.close_connection = True
         except (ConnectionError, BlockingIOError, DownloadCut):   # BlockingIOError: SO_SNDTIMEO passed
             self.close_connection = True
         except Exception:  # pylint: disable=broad-except
-            self.answer_internal_error()
+            logger.exception("error while answering %s", escape_for_log(self.requestline))
+            self.answer_error(500, "Internal server error.")
         finally:
             if self.status is not None:
                 self.log_access()
@@ -3162,196 +3385,59 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
         self.reader.head_complete()
         return request_head(self.command, self.path, self.request_version, fields)
 
-    def answer(self, head: RequestHead) -> None:
-        """What the request asks, for GET and HEAD; 405 for other methods."""
-        self.request_headers = head.headers
-        self.close_connection = not head.keep_alive or self.server.stopping    # stopping: this is the last
+    def request_from(self, head: RequestHead) -> Request:
+        """The request the routes see: its client judged behind trusted proxies."""
+        self.close_connection = not head.keep_alive or self.context.stopping()   # stopping: this is the last
         if self.slot.trusted:
-            self.client = client_behind_proxies(self.peer, head.headers, self.server.settings.trusted_proxies)
-        if head.method in ("GET", "HEAD"):
-            self.route(request_path(head.target))
-        else:
-            self.send_text(405, "Method not allowed.", (("Allow", "GET, HEAD"),))
+            self.client = client_behind_proxies(self.peer, head.headers, self.context.trusted_proxies)
+        return Request(head.method, request_path(head.target), head.headers, self.client)
 
-    def route(self, path: str) -> None:
-        """The table of contents."""
-        if path == "/":
-            self.answer_health()
-        elif path == "/ls":
-            self.answer_listing()
-        elif path == "/latest":
-            self.answer_latest()
-        elif path == "/version":
-            self.answer_version()
-        elif path == "/metrics":
-            self.answer_metrics()
-        elif path.startswith("/update/") and path.endswith(".sha256"):
-            self.answer_checksum(path[len("/update/"):-len(".sha256")])
-        elif path.startswith("/update/") and path.endswith(SIGNATURE_SUFFIX):
-            self.answer_signature(path[len("/update/"):-len(SIGNATURE_SUFFIX)])
-        elif path.startswith("/update/"):
-            self.answer_download(path[len("/update/"):])
-        else:
-            self.send_text(404, NOT_FOUND)
+    # Writing answers: every answer takes this one path, GET and HEAD alike --
 
-    # Routes ----------------------------------------------------------------
-
-    def answer_health(self) -> None:
-        """The OPQ Health answer: still 200 when unhealthy, so the JSON says why."""
-        self.route_label = "/"
-        snapshot = self.server.catalog.snapshot
-        health: Dict[str, object] = {"name": "Box Update Server", "ok": snapshot.problem is None,
-                                     "timestamp": int(time.time()), "subcomponents": []}
-        notes = [snapshot.problem] if snapshot.problem else []
-        if snapshot.signatures_required:
-            notes.append("signatures required")
-        if snapshot.rejected:
-            notes.append("%d file(s) in the updates folder rejected, see the log" % snapshot.rejected)
-        if snapshot.unsigned:
-            notes.append("%d update(s) waiting for a signature" % snapshot.unsigned)
-        if snapshot.waiting:
-            notes.append("%d file(s) waiting to be checked" % snapshot.waiting)
-        if notes:
-            health["info"] = "; ".join(notes)
-        self.send_text(200, json.dumps(health), content_type="application/json")
-
-    def answer_listing(self) -> None:
-        """/ls: offered names, oldest first, one a line, no trailing newline."""
-        self.route_label = "/ls"
-        self.send_cacheable(self.server.catalog.snapshot.listing, "text/plain", CACHE_REVALIDATE)
-
-    def answer_latest(self) -> None:
-        """303 to the newest update, relative so it also works under a proxy's path prefix."""
-        self.route_label = "/latest"
-        latest = self.server.catalog.snapshot.latest
-        if latest is None:
-            self.send_text(404, NOT_FOUND)
-        else:
-            self.send_small(303, b"", "text/plain",
-                            (("Location", "update/" + latest.name), ("Cache-Control", CACHE_REVALIDATE)))
-
-    def answer_version(self) -> None:
-        """/version: the newest VERSION as text."""
-        self.route_label = "/version"
-        latest = self.server.catalog.snapshot.latest
-        if latest is None:
-            self.send_text(404, NO_UPDATES)
-        else:
-            self.send_cacheable(str(latest.version).encode("ascii"), "text/plain", CACHE_REVALIDATE)
-
-    def answer_metrics(self) -> None:
-        """Prometheus metrics, for the addresses metrics_allow lists (judged on the client, not the proxy)."""
-        self.route_label = "/metrics"
-        if not in_networks(parse_address(self.client), self.server.settings.metrics_allow):
-            self.send_text(404, NOT_FOUND)
-            return
-        catalog = self.server.catalog
-        body = self.server.metrics.render(catalog.snapshot, self.server.connections, catalog.checking_seconds)
-        self.send_small(200, body, "text/plain; version=0.0.4; charset=utf-8", (("Cache-Control", "no-store"),))
-
-    def answer_checksum(self, encoded_name: str) -> None:
-        """``<hex>  <name>``, the format ``sha256sum -c`` reads."""
-        self.route_label = "/update.sha256"
-        update = resolve_update(self.server.catalog.snapshot, encoded_name)
-        if update is None:
-            self.send_text(404, NOT_FOUND)
-        elif update.sha256 is None:
-            self.send_text(503, "Checksum not computed yet.", (("Retry-After", "1"),))
-        else:
-            self.send_cacheable(("%s  %s\n" % (update.sha256.hex(), update.name)).encode("ascii"), "text/plain",
-                                CACHE_IMMUTABLE)
-
-    def answer_signature(self, encoded_name: str) -> None:
-        """The armored OpenSSH signature of an offered update, as ``ssh-keygen -Y verify -s`` reads it."""
-        self.route_label = "/update.sig"
-        update = resolve_update(self.server.catalog.snapshot, encoded_name)
-        if update is None or update.signature is None:
-            self.send_text(404, NOT_FOUND)
-        else:
-            self.send_cacheable(update.signature, "text/plain", CACHE_IMMUTABLE)
-
-    def answer_download(self, encoded_name: str) -> None:
-        """/update/<name>: an offered update's bytes, whole or a range; only the bytes that were checked."""
-        self.route_label = "/update"
-        update = resolve_update(self.server.catalog.snapshot, encoded_name)
-        if update is None:
-            self.send_text(404, NOT_FOUND)
-            return
-        try:
-            descriptor, status = open_regular(update.path)
-        except OSError:             # removed since the last look
-            self.server.catalog.suspect(update.name)
-            self.send_text(404, NOT_FOUND)
-            return
-        try:
-            identity = FileIdentity.from_stat(status)
-            if identity != update.identity:
-                self.server.catalog.suspect(update.name)
-                if update.checked:
-                    self.send_text(404, NOT_FOUND)     # not the file that was checked
-                    return
-            self.send_update(descriptor, update, identity)
-        finally:
-            os.close(descriptor)
-
-    # File serving: GET and HEAD share this one path --------------------------
-
-    def send_update(self, source: int, update: Update, identity: FileIdentity) -> None:
-        """Plan the answer (preconditions, then Range), send its headers, then the bytes with sendfile."""
-        plan = plan_download(self.command, self.request_headers, identity.size, identity.etag, identity.modified)
-        headers = [("ETag", identity.etag), ("Last-Modified", format_http_date(identity.modified)),
-                   ("Cache-Control", CACHE_IMMUTABLE)]
-        if update.sha256 and identity == update.identity:
-            headers.append(("Repr-Digest", repr_digest(update.sha256)))
-        if plan.content_range:
-            headers.append(("Content-Range", plan.content_range))
-        if plan.status in (304, 412):
-            self.send_small(plan.status, b"", None, headers)
-            return
-        if plan.status == 416:
-            self.send_text(416, "Range not satisfiable.", headers)
-            return
-        self.send_response(plan.status)
-        self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Disposition", 'attachment; filename="%s"' % update.name)
-        self.send_header("Content-Length", str(plan.length))
-        self.send_header("Accept-Ranges", "bytes")
-        for name, value in headers:
+    def send_answer(self, answer: Answer) -> None:
+        """The status line, the fields answer_fields chooses, then the body (none for HEAD or 304)."""
+        self.route_label = answer.route
+        self.send_response(answer.status)
+        for name, value in answer_fields(answer):
             self.send_header(name, value)
         self.end_headers()
-        if self.command == "HEAD":
+        if self.command == "HEAD" or answer.status == 304:
             return
-        self.ranged = plan.status == 206
-        self.download = (update.name, False)
+        if answer.file is None:
+            self.wfile.write(answer.body)
+            self.bytes_sent += len(answer.body)
+            return
+        self.ranged = answer.status == 206
+        self.download = (answer.file.name, False)
         with tcp_corked(self.connection):   # headers and body in full segments, as nginx's tcp_nopush
             self.wfile.flush()
-            self.send_file_body(source, plan.first, plan.length, identity)
-        self.download = (update.name, True)
+            self.send_file_body(answer.file)
+        self.download = (answer.file.name, True)
 
-    def send_file_body(self, source: int, offset: int, count: int, identity: FileIdentity) -> None:
-        """sendfile(2) count bytes, looking between copy_chunk pieces that the file is unchanged.
+    def send_file_body(self, body: FileBody) -> None:
+        """sendfile(2) the body, looking between copy_chunk pieces that the file is unchanged.
 
         (After the last piece there is nothing left to protect: the client has every byte.)
         Cut (DownloadCut, the connection closes) when the file changes, or when over a
         window of idle_timeout the client takes fewer than min_send_rate bytes a second:
         a slow download is never cut, a stalled one is.  bytes_sent counts what left.
         """
-        target = self.connection.fileno()
-        idle_timeout = self.server.settings.idle_timeout
+        target, source, count = self.connection.fileno(), body.descriptor, body.length
+        idle_timeout = self.context.idle_timeout
         sent, checked_up_to = 0, 0
         window_start, window_sent = time.monotonic(), 0
         try:
             while sent < count:
                 piece = min(count - sent, checked_up_to + self.copy_chunk - sent)
                 try:        # blocks until the piece is out, or SO_SNDTIMEO (idle_timeout) passes
-                    done: Optional[int] = os.sendfile(target, source, offset + sent, piece)
+                    done: Optional[int] = os.sendfile(target, source, body.first + sent, piece)
                 except BlockingIOError:
                     done = None         # nothing went out for idle_timeout
                 if done == 0:
                     raise DownloadCut("the file changed")       # it ends before the size it had
                 sent += done or 0
                 if sent < count and sent - checked_up_to >= self.copy_chunk:     # more to come: still the same?
-                    if FileIdentity.from_stat(os.fstat(source)) != identity:
+                    if FileIdentity.from_stat(os.fstat(source)) != body.identity:
                         raise DownloadCut("the file changed")
                     checked_up_to = sent
                 now = time.monotonic()
@@ -3368,36 +3454,6 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
         finally:   # what reached the client: a cut connection drops what the kernel still holds
             self.bytes_sent += sent if sent == count else max(0, sent - unsent_bytes(self.connection))
 
-    # Small answers -------------------------------------------------------------
-
-    def send_text(self, status: int, text: str, extra_headers: Sequence[Tuple[str, str]] = (),
-                  content_type: str = "text/plain") -> None:
-        """A small text answer that no cache keeps."""
-        self.send_small(status, text.encode("utf-8"), content_type,
-                        tuple(extra_headers) + (("Cache-Control", CACHE_REVALIDATE),))
-
-    def send_cacheable(self, body: bytes, content_type: str, cache_control: str) -> None:
-        """A small body with an ETag, so a client or cache revalidates with a 304 (RFC 9110 §13.1.2)."""
-        etag = content_etag(body)
-        status = evaluate_preconditions(self.request_headers, etag, None) or 200
-        self.send_small(status, body if status == 200 else b"", content_type if status == 200 else None,
-                        (("ETag", etag), ("Cache-Control", cache_control)))
-
-    def send_small(self, status: int, body: bytes, content_type: Optional[str],
-                   extra_headers: Sequence[Tuple[str, str]] = ()) -> None:
-        """Headers and a small body; wbufsize makes them leave in one send."""
-        self.send_response(status)
-        if content_type:
-            self.send_header("Content-Type", content_type)
-        if status != 304:
-            self.send_header("Content-Length", str(len(body)))
-        for name, value in extra_headers:
-            self.send_header(name, value)
-        self.end_headers()
-        if self.command != "HEAD" and status != 304:
-            self.wfile.write(body)
-            self.bytes_sent += len(body)
-
     def end_headers(self) -> None:
         """Say when the connection ends after this answer, and keep-alive to an HTTP/1.0 client that asked."""
         if self.close_connection:
@@ -3406,25 +3462,17 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
             self.send_header("Connection", "keep-alive")
         super().end_headers()
 
-    def answer_bad_request(self, status: int, reason: str) -> None:
-        """An error before any route ran: a plain answer, then the connection closes."""
+    def answer_error(self, status: int, reason: str) -> None:
+        """A request that cannot be answered as asked: a plain answer if nothing was sent yet, then the close."""
         self.close_connection = True
+        if self.status is not None:      # part of an answer is out: only closing is left
+            return
         try:
-            self.send_text(status, reason if reason.endswith(".") else reason[:1].upper() + reason[1:] + ".")
+            self.send_answer(text_answer(status, reason if reason.endswith(".")
+                                         else reason[:1].upper() + reason[1:] + "."))
             self.wfile.flush()
         except OSError:
             pass
-
-    def answer_internal_error(self) -> None:
-        """A bug in a route: log its traceback, answer 500 if nothing was sent yet, close the connection."""
-        logger.exception("error while answering %s", escape_for_log(self.requestline))
-        self.close_connection = True
-        if self.status is None:  # nothing sent yet, so there is room for a clean answer
-            try:
-                self.send_text(500, "Internal server error.")
-                self.wfile.flush()
-            except OSError:
-                pass
 
     # Logging ---------------------------------------------------------------
 
@@ -3444,53 +3492,165 @@ class UpdateRequestHandler(http.server.BaseHTTPRequestHandler):
         else:
             request = self.raw_requestline.rstrip(b"\r\n").decode("latin-1")
         status = self.status or 0
-        self.server.access_log.write('%s "%s" %d %d %.1fms'
-                                     % (self.client, escape_for_log(request), status, self.bytes_sent, seconds * 1000))
-        self.server.metrics.count(self.route_label, status, self.bytes_sent, seconds, self.download, self.ranged)
+        self.context.access_log.write('%s "%s" %d %d %.1fms'
+                                      % (self.client, escape_for_log(request), status, self.bytes_sent, seconds * 1000))
+        self.context.metrics.count(self.route_label, status, self.bytes_sent, seconds, self.download, self.ranged)
 
 
-@functools.lru_cache(maxsize=64)
-def format_http_date(seconds: int) -> str:
-    """An HTTP-date (RFC 9110 §5.6.7); cached, since Date changes once a second and Last-Modified rarely."""
-    return email.utils.formatdate(seconds, usegmt=True)
+# ---------------------------------------------------------------------------
+# 8. Routes: the application
+# ---------------------------------------------------------------------------
+
+NOT_FOUND = "Resource not found."
+NO_UPDATES = "Update dir does not contain any valid updates."
 
 
-@contextlib.contextmanager
-def tcp_corked(connection: socket.socket) -> Iterator[None]:
-    """Send only full segments while a file streams out, as nginx's tcp_nopush does.
+class UpdateRoutes:
+    """What each route answers: /, /ls, /latest, /version, /metrics and /update/<name>[.sha256|.sig].
 
-    Linux TCP_CORK holds partial segments even with TCP_NODELAY on; uncorking at the end
-    sends the last one at once.
+    One instance serves every connection; each route is a function of the request and the
+    catalog's snapshot, for GET and HEAD alike (the protocol layer leaves HEAD's body out).
     """
-    cork = getattr(socket, "TCP_CORK", None)
-    if cork is None:
-        yield
-        return
-    connection.setsockopt(socket.IPPROTO_TCP, cork, 1)
-    try:
-        yield
-    finally:
+
+    def __init__(self, settings: Settings, catalog: Catalog, metrics: Metrics,
+                 connection_counts: Callable[[], "ConnectionCounts"]) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.metrics = metrics
+        self.connection_counts = connection_counts
+
+    def respond(self, request: Request) -> Answer:
+        """The table of contents."""
+        if request.method not in ("GET", "HEAD"):
+            return text_answer(405, "Method not allowed.", fields=(("Allow", "GET, HEAD"),))
+        path = request.path
+        if path == "/":
+            return self.health()
+        if path == "/ls":
+            return self.listing(request)
+        if path == "/latest":
+            return self.latest()
+        if path == "/version":
+            return self.version(request)
+        if path == "/metrics":
+            return self.prometheus_metrics(request)
+        if path.startswith("/update/") and path.endswith(".sha256"):
+            return self.checksum(request, path[len("/update/"):-len(".sha256")])
+        if path.startswith("/update/") and path.endswith(SIGNATURE_SUFFIX):
+            return self.signature(request, path[len("/update/"):-len(SIGNATURE_SUFFIX)])
+        if path.startswith("/update/"):
+            return self.download(request, path[len("/update/"):])
+        return text_answer(404, NOT_FOUND)
+
+    def health(self) -> Answer:
+        """The OPQ Health answer: still 200 when unhealthy, so the JSON says why."""
+        snapshot = self.catalog.snapshot
+        health: Dict[str, object] = {"name": "Box Update Server", "ok": not (snapshot.problem or snapshot.keys_problem),
+                                     "timestamp": int(time.time()), "subcomponents": []}
+        notes = [problem for problem in (snapshot.problem, snapshot.keys_problem) if problem]
+        if snapshot.signatures_required:
+            notes.append("signatures required")
+        if snapshot.rejected:
+            notes.append("%d file(s) in the updates folder rejected, see the log" % snapshot.rejected)
+        if snapshot.unsigned:
+            notes.append("%d update(s) waiting for a signature" % snapshot.unsigned)
+        if snapshot.waiting:
+            notes.append("%d file(s) waiting to be checked" % snapshot.waiting)
+        if notes:
+            health["info"] = "; ".join(notes)
+        return Answer(200, "/", json.dumps(health).encode("utf-8"), "application/json")
+
+    def listing(self, request: Request) -> Answer:
+        """/ls: offered names, oldest first, one a line, no trailing newline."""
+        return cacheable_answer(request.headers, self.catalog.snapshot.listing, "text/plain", CACHE_REVALIDATE,
+                                "/ls")
+
+    def latest(self) -> Answer:
+        """303 to the newest update, relative so it also works under a proxy's path prefix."""
+        latest = self.catalog.snapshot.latest
+        if latest is None:
+            return text_answer(404, NOT_FOUND, "/latest")
+        return Answer(303, "/latest", fields=(("Location", "update/" + latest.name),))
+
+    def version(self, request: Request) -> Answer:
+        """/version: the newest VERSION as text."""
+        latest = self.catalog.snapshot.latest
+        if latest is None:
+            return text_answer(404, NO_UPDATES, "/version")
+        return cacheable_answer(request.headers, str(latest.version).encode("ascii"), "text/plain", CACHE_REVALIDATE,
+                                "/version")
+
+    def prometheus_metrics(self, request: Request) -> Answer:
+        """Prometheus metrics, for the addresses metrics_allow lists (judged on the client, not the proxy)."""
+        if not in_networks(parse_address(request.client), self.settings.metrics_allow):
+            return text_answer(404, NOT_FOUND, "/metrics")
+        body = self.metrics.render(self.catalog.snapshot, self.connection_counts(), self.catalog.checking_seconds)
+        return Answer(200, "/metrics", body, "text/plain; version=0.0.4; charset=utf-8", cache=CACHE_NEVER)
+
+    def checksum(self, request: Request, encoded_name: str) -> Answer:
+        """``<hex>  <name>``, the format ``sha256sum -c`` reads."""
+        update = resolve_update(self.catalog.snapshot, encoded_name)
+        if update is None:
+            return text_answer(404, NOT_FOUND, "/update.sha256")
+        if update.sha256 is None:
+            return text_answer(503, "Checksum not computed yet.", "/update.sha256", (("Retry-After", "1"),))
+        body = ("%s  %s\n" % (update.sha256.hex(), update.name)).encode("ascii")
+        return cacheable_answer(request.headers, body, "text/plain", CACHE_IMMUTABLE, "/update.sha256")
+
+    def signature(self, request: Request, encoded_name: str) -> Answer:
+        """The armored OpenSSH signature of an offered update, as ``ssh-keygen -Y verify -s`` reads it."""
+        update = resolve_update(self.catalog.snapshot, encoded_name)
+        if update is None or update.signature is None:
+            return text_answer(404, NOT_FOUND, "/update.sig")
+        return cacheable_answer(request.headers, update.signature, "text/plain", CACHE_IMMUTABLE, "/update.sig")
+
+    def download(self, request: Request, encoded_name: str) -> Answer:
+        """/update/<name>: an offered update's bytes, whole or a range; only the bytes that were checked."""
+        update = resolve_update(self.catalog.snapshot, encoded_name)
+        if update is None:
+            return text_answer(404, NOT_FOUND, "/update")
         try:
-            connection.setsockopt(socket.IPPROTO_TCP, cork, 0)
-        except OSError:
-            pass  # the client is gone
+            descriptor, status = open_regular(update.path)
+        except OSError:             # removed since the last look
+            self.catalog.suspect(update.name)
+            return text_answer(404, NOT_FOUND, "/update")
+        answer = None
+        try:
+            identity = FileIdentity.from_stat(status)
+            if identity != update.identity:
+                self.catalog.suspect(update.name)
+                if update.checked:
+                    return text_answer(404, NOT_FOUND, "/update")     # not the file that was checked
+            answer = download_answer(request, update, identity, descriptor)
+            return answer
+        finally:
+            if answer is None or answer.file is None:     # otherwise the protocol layer closes it once sent
+                os.close(descriptor)
+
+
+def download_answer(request: Request, update: Update, identity: FileIdentity, descriptor: int) -> Answer:
+    """An update file's answer: preconditions, then Range (plan_download), its fields, and the bytes to send."""
+    plan = plan_download(request.method, request.headers, identity.size, identity.etag, identity.modified)
+    fields = [("ETag", identity.etag), ("Last-Modified", format_http_date(identity.modified)),
+              ("Content-Disposition", 'attachment; filename="%s"' % update.name), ("Accept-Ranges", "bytes")]
+    if update.sha256 and identity == update.identity:
+        fields.append(("Repr-Digest", repr_digest(update.sha256)))
+    if plan.content_range:
+        fields.append(("Content-Range", plan.content_range))
+    if plan.status in (200, 206):
+        return Answer(plan.status, "/update", b"", "application/octet-stream", tuple(fields), CACHE_IMMUTABLE,
+                      FileBody(descriptor, plan.first, plan.length, identity, update.name))
+    text = {304: "", 412: "Precondition failed.", 416: "Range not satisfiable."}[plan.status]
+    return Answer(plan.status, "/update", text.encode("ascii"), "text/plain", tuple(fields), CACHE_IMMUTABLE)
 
 
 # ---------------------------------------------------------------------------
-# 8. Server
+# 9. Server
 # ---------------------------------------------------------------------------
-
-def raw_response(status: int, body: str, headers: Sequence[Tuple[str, str]] = ()) -> bytes:
-    """A complete answer for sockets that never reach a handler thread."""
-    lines = ["HTTP/1.1 %d %s" % (status, http.client.responses[status]), "Content-Type: text/plain",
-             "Content-Length: %d" % len(body.encode("utf-8")), "Cache-Control: no-store", "Connection: close"]
-    lines += ["%s: %s" % header for header in headers]
-    return ("\r\n".join(lines) + "\r\n\r\n" + body).encode("utf-8")
-
 
 REFUSALS = {
-    "full": raw_response(503, "Server busy.", (("Retry-After", "5"),)),
-    "client": raw_response(503, "Too many connections from your address.", (("Retry-After", "5"),)),
+    "full": raw_answer(text_answer(503, "Server busy.", fields=(("Retry-After", "5"),))),
+    "client": raw_answer(text_answer(503, "Too many connections from your address.", fields=(("Retry-After", "5"),))),
 }
 
 
@@ -3604,6 +3764,10 @@ class ConnectionTable:
         """Connections holding a slot now."""
         return len(self._slots)
 
+    def counts(self) -> ConnectionCounts:
+        """The figures /metrics shows."""
+        return ConnectionCounts(len(self._slots), self.accepted, self.evicted, dict(self.refused))
+
     def wait_for_requests(self, grace: float) -> int:
         """Wait up to grace seconds for the requests being answered to end; return how many are left."""
         deadline = time.monotonic() + grace
@@ -3652,19 +3816,31 @@ class BoxUpdateServer(http.server.ThreadingHTTPServer):
     # stop() waits for requests itself; ThreadingMixIn's list of threads would cost O(threads) per accept.
     block_on_close = False
     request_queue_size = 1024
+    KEYS_POLL_SECONDS = 0.5
 
-    def __init__(self, settings: Settings, catalog: Catalog,
-                 handler: Callable[..., UpdateRequestHandler] = UpdateRequestHandler,
-                 access_log: Optional[AccessLog] = None) -> None:
+    def __init__(self, settings: Settings, catalog: Catalog, access_log: Optional[AccessLog] = None,
+                 routes: Callable[..., UpdateRoutes] = UpdateRoutes,
+                 handler: Callable[..., ConnectionHandler] = ConnectionHandler) -> None:
         self.settings = settings
         self.catalog = catalog
-        self.access_log = access_log or AccessLog()
         self.metrics = Metrics()
         self.connections = ConnectionTable(settings.max_connections, settings.max_connections_per_client)
         self.stopping = False
+        self.signers_file = WatchedFile(settings.allowed_signers or "")
+        self.keys_judged_at = time.time()
+        self._keys_stopping = threading.Event()
+        self.routes = routes(settings, catalog, self.metrics, self.connections.counts)
+        self.context = ProtocolContext(settings.idle_timeout, settings.request_header_timeout,
+                                       settings.trusted_proxies, self.connections, access_log or AccessLog(),
+                                       self.metrics, lambda: self.stopping)
+        self.handler = handler
         if ":" in settings.host:
             self.address_family = socket.AF_INET6
-        super().__init__((settings.host, settings.port), handler)
+        super().__init__((settings.host, settings.port), http.server.BaseHTTPRequestHandler)
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        """Hand the connection its collaborators: the protocol context and the routes."""
+        self.handler(request, client_address, self, self.context, self.routes.respond)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         address = parse_address(client_address[0])
@@ -3696,23 +3872,82 @@ class BoxUpdateServer(http.server.ThreadingHTTPServer):
     def stop(self, grace: float) -> None:
         """Stop accepting, give in-flight requests up to grace seconds, then return."""
         self.stopping = True
+        self._keys_stopping.set()
         self.server_close()
         left = self.connections.wait_for_requests(grace)
         if left:
             logger.warning("%d request(s) still in flight after %.1f s; exiting anyway", left, grace)
 
     def reload(self) -> None:
-        """SIGHUP: read allowed_signers again (a broken file keeps the keys in use) and rescan the folder."""
-        signers = self.catalog.signers
+        """SIGHUP: rescan the folder, and read allowed_signers again."""
         if self.settings.allowed_signers:
-            try:
-                signers = load_allowed_signers(self.settings.allowed_signers)
-            except SettingsError as error:
-                logger.error("SIGHUP: %s; the keys read before stay in use", error)
-        self.catalog.reload(signers)
-        logger.info("SIGHUP: rescanned %s%s", self.settings.updates_dir,
-                    " and read %d key(s) from %s" % (len(signers or ()), self.settings.allowed_signers)
-                    if self.settings.allowed_signers else "")
+            self.signers_file.look_again()
+            self.reload_keys("SIGHUP")
+        else:
+            self.catalog.reload(None)
+        logger.info("SIGHUP: rescanned %s", self.settings.updates_dir)
+
+    def reload_keys(self, why: str) -> None:
+        """Read allowed_signers and judge every signature under what it lists now: never the keys read before.
+
+        A file that cannot be read or lists no usable key offers no signed update until it is fixed.
+        """
+        path = self.settings.allowed_signers
+        try:
+            signers, problem = load_allowed_signers(path or ""), None
+        except SettingsError as error:
+            signers, problem = [], "%s: no signed update is offered until it is fixed" % error
+        if problem != self.catalog.keys.problem:
+            if problem:
+                logger.error("%s", problem)
+        if not problem:
+            logger.info("%s: read %d key(s) from %s", why, len(signers), path)
+        self.catalog.reload(signers, problem)
+
+    def watch_keys(self) -> None:
+        """Edits to allowed_signers take effect within KEYS_POLL_SECONDS, as do valid-after and valid-before
+        boundaries as time passes: revocation is an emergency, and must not wait for a SIGHUP."""
+        while not self._keys_stopping.wait(self.KEYS_POLL_SECONDS):
+            if self.signers_file.changed():
+                self.reload_keys("allowed_signers changed")
+            elif self.catalog.keys.signers and time.time() >= next_validity_boundary(self.catalog.keys.signers,
+                                                                                       self.keys_judged_at):
+                logger.info("a key's valid-after or valid-before passed: judging the signatures again")
+                self.catalog.reload(self.catalog.keys.signers, self.catalog.keys.problem)
+            else:
+                continue
+            self.keys_judged_at = time.time()
+
+
+class WatchedFile:
+    """A file read from time to time, and whether it changed since (inode, size, modification or change time)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.identity = self._identity()
+
+    def _identity(self) -> Optional[Tuple[int, int, int, int]]:
+        try:
+            status = os.stat(self.path)
+        except OSError:
+            return None
+        return (status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+
+    def look_again(self) -> None:
+        """Count the file as read now."""
+        self.identity = self._identity()
+
+    def changed(self) -> bool:
+        """Whether the file differs from the last look (which this call becomes)."""
+        identity = self._identity()
+        changed, self.identity = identity != self.identity, identity
+        return changed
+
+
+def next_validity_boundary(signers: Sequence[AllowedSigner], since: float) -> float:
+    """The first valid-after or valid-before instant after since (infinity if none): when verdicts can change."""
+    return min((moment for signer in signers for moment in (signer.valid_after, signer.valid_before)
+                if moment is not None and moment > since), default=float("inf"))
 
 
 def load_allowed_signers(path: str) -> List[AllowedSigner]:
@@ -3747,6 +3982,8 @@ def make_server(settings: Settings, access_log: Optional[AccessLog] = None) -> B
         raise SettingsError("cannot listen on %s:%d: %s"
                             % (settings.host or "*", settings.port, error.strerror or error)) from None
     catalog.start()
+    if settings.allowed_signers:
+        threading.Thread(target=server.watch_keys, name="keys-watcher", daemon=True).start()
     return server
 
 
@@ -3787,7 +4024,7 @@ def serve(server: BoxUpdateServer) -> int:
 
 
 # ---------------------------------------------------------------------------
-# 9. Command line
+# 10. Command line
 # ---------------------------------------------------------------------------
 
 def check_files(paths: Sequence[str], signers: Optional[Sequence[AllowedSigner]] = None) -> int:

@@ -521,12 +521,12 @@ class HealthWatcher(threading.Thread):
 
 
 class InProcessServer:
-    """The server inside the test process, for a handler a test changes (a bug, a smaller copy_chunk).
+    """The server inside the test process, for a handler or routes a test changes (a bug, a smaller copy_chunk).
 
     Its log lines (access lines included) are collected in .log; the logger is restored afterwards.
     """
 
-    def __init__(self, test, updates_dir, handler=bus.UpdateRequestHandler, **settings):
+    def __init__(self, test, updates_dir, handler=bus.ConnectionHandler, routes=bus.UpdateRoutes, **settings):
         settings = bus.Settings(port=1, updates_dir=updates_dir, host="127.0.0.1")._replace(port=0, **settings)
         self.log = []
         log_handler = logging.Handler()
@@ -538,7 +538,7 @@ class InProcessServer:
         self.catalog = bus.Catalog(updates_dir, verify=settings.verify_updates)
         self.catalog.start()
         test.addCleanup(self.catalog.stop)
-        self.server = bus.BoxUpdateServer(settings, self.catalog, handler)
+        self.server = bus.BoxUpdateServer(settings, self.catalog, routes=routes, handler=handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         test.addCleanup(self.server.server_close)
         test.addCleanup(self.server.shutdown)

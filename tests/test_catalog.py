@@ -13,6 +13,8 @@ from support import TempDirTestCase, make_update, update_members, archive_bytes,
 
 import box_update_server as bus
 
+NO_KEYS = bus.Keys(0, None)
+
 
 class UpdateNameTest(unittest.TestCase):
 
@@ -195,26 +197,26 @@ class CheckQueueTest(unittest.TestCase):
         queue = bus.CheckQueue()
         for version in (5, 7, 6):
             queue.push(self.candidate(version, 60))
-        self.assertEqual([queue.pop(lambda c: True).version for _ in range(3)], [7, 6, 5])
-        self.assertIsNone(queue.pop(lambda c: True))
+        self.assertEqual([queue.pop(lambda c: True, NO_KEYS).version for _ in range(3)], [7, 6, 5])
+        self.assertIsNone(queue.pop(lambda c: True, NO_KEYS))
 
     def test_a_file_written_just_now_waits_and_an_older_one_does_not(self):
         queue = bus.CheckQueue()
         fresh = self.candidate(1700000000, 0)
         queue.push(fresh)
-        self.assertIsNone(queue.pop(lambda c: True), "modified just now: not checked yet")
+        self.assertIsNone(queue.pop(lambda c: True, NO_KEYS), "modified just now: not checked yet")
         self.assertTrue(queue.settling())
         old = self.candidate(1600000000, 10)
         queue.push(old)
-        self.assertIs(queue.pop(lambda c: True), old)
+        self.assertIs(queue.pop(lambda c: True, NO_KEYS), old)
         fresh.identity = fresh.identity._replace(mtime_ns=time.time_ns() - 10 * 10**9)   # as if it had aged
-        self.assertIs(queue.pop(lambda c: True), fresh, "a settled file comes back from the side")
+        self.assertIs(queue.pop(lambda c: True, NO_KEYS), fresh, "a settled file comes back from the side")
 
     def test_a_replaced_candidate_is_skipped(self):
         queue = bus.CheckQueue()
         stale = self.candidate(1700000000, 60)
         queue.push(stale)
-        self.assertIsNone(queue.pop(lambda c: c is not stale))
+        self.assertIsNone(queue.pop(lambda c: c is not stale, NO_KEYS))
 
 
 class FolderChangesTest(CatalogTestCase):
@@ -322,6 +324,45 @@ class ResolveUpdateTest(unittest.TestCase):
                          "", "."]:
             with self.subTest(spelling=spelling):
                 self.assertIsNone(bus.resolve_update(self.snapshot, spelling))
+
+
+class JudgeTest(unittest.TestCase):
+    """judge: a candidate's state from what is known of it, every rule in one table."""
+
+    IDENTITY = bus.FileIdentity(1, 2, 3, 4, True)
+    DIGESTS = bus.Digests(b"a" * 32, b"b" * 64)
+    SIGNERS = ("a key",)
+
+    def candidate(self, sig_file=False, archive=None, signature=None):
+        candidate = bus.Candidate("opq-box-update-7.tar.bz2", "7", self.IDENTITY,
+                                  self.IDENTITY if sig_file else None)
+        candidate.archive, candidate.signature = archive, signature
+        return candidate
+
+    def test_table(self):
+        good, bad = bus.ArchiveVerdict(None, self.DIGESTS), bus.ArchiveVerdict("truncated", None)
+        keys, next_keys = bus.Keys(3, self.SIGNERS), bus.Keys(4, self.SIGNERS)
+        signed = bus.SignatureVerdict(None, b"armor", "ops", 3)
+        forged = bus.SignatureVerdict("signature: no listed key made this signature", None, None, 3)
+        cases = [   # sig file, archive, signature, verify, keys -> state, reason
+            (False, None, None, True, NO_KEYS, bus.CHECKING, None),
+            (False, None, None, False, NO_KEYS, bus.OFFERED, None),
+            (False, good, None, True, NO_KEYS, bus.OFFERED, None),
+            (False, bad, None, True, NO_KEYS, bus.REJECTED, "truncated"),
+            (True, good, forged, True, NO_KEYS, bus.OFFERED, None),        # keys not required: the .sig is not judged
+            (False, good, None, True, keys, bus.UNSIGNED, None),
+            (True, None, None, True, keys, bus.CHECKING, None),
+            (True, None, forged, True, keys, bus.REJECTED, forged.problem),  # never decompressed
+            (True, None, signed, True, keys, bus.CHECKING, None),           # signed: now the archive
+            (True, None, signed, False, keys, bus.OFFERED, None),
+            (True, good, signed, True, keys, bus.OFFERED, None),
+            (True, good, signed, True, next_keys, bus.CHECKING, None),      # keys reloaded: judged again
+            (True, bad, signed, True, keys, bus.REJECTED, "truncated"),
+        ]
+        for sig_file, archive, signature, verify, use_keys, state, reason in cases:
+            with self.subTest(sig_file=sig_file, archive=archive, signature=signature, verify=verify, keys=use_keys):
+                self.assertEqual(bus.judge(self.candidate(sig_file, archive, signature), verify, use_keys),
+                                 (state, reason))
 
 
 if __name__ == "__main__":

@@ -168,7 +168,7 @@ class SlowDownloadTest(TempDirTestCase):
 class ChangedFileTest(TempDirTestCase):
     """The bytes a box receives are the bytes that were checked, or the connection closes early."""
 
-    class SmallChunkHandler(bus.UpdateRequestHandler):
+    class SmallChunkHandler(bus.ConnectionHandler):
         copy_chunk = 64 << 10
 
     def test_a_file_changed_after_its_check_is_not_served(self):

@@ -27,7 +27,7 @@ class ConnectionTest(TempDirTestCase):
         """Without it, a response's last small segment waits for the client's delayed ACK (40 ms)."""
         seen = []
 
-        class RecordingHandler(bus.UpdateRequestHandler):
+        class RecordingHandler(bus.ConnectionHandler):
             def handle_one_request(self):
                 super().handle_one_request()
                 seen.append(self.connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
@@ -412,17 +412,17 @@ class HandlerErrorTest(TempDirTestCase):
     """A bug in a route is answered 500 and logged with its traceback; the server keeps serving."""
 
     def test_handler_error_is_500_and_the_server_lives_on(self):
-        class BrokenHandler(bus.UpdateRequestHandler):
-            def answer_listing(self):
+        class BrokenRoutes(bus.UpdateRoutes):
+            def listing(self, request):
                 raise RuntimeError("boom")
 
         with self.assertLogs(bus.logger, "ERROR") as errors:
-            server = InProcessServer(self, self.updates, handler=BrokenHandler)
+            server = InProcessServer(self, self.updates, routes=BrokenRoutes)
             answer = server.get("/ls")
             self.assertEqual((answer.status, answer.body), (500, b"Internal server error."))
             self.assertEqual(server.get("/").status, 200)
         self.assertIn("RuntimeError: boom", "\n".join(errors.output))
-        self.assertTrue(any('"GET /ls" 500' in line for line in server.log), server.log)
+        self.assertTrue(wait_until(lambda: any('"GET /ls" 500' in line for line in server.log), 5), server.log)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import tempfile
 import time
 import tracemalloc
 import unittest
+from unittest import mock
 
 from support import (ROOT, SERVER, TempDirTestCase, archive_bytes, make_update, publish, python_executable,
                      require_binary, update_members, wait_until)
@@ -831,6 +832,69 @@ class SignedUpdatesTest(TempDirTestCase):
     def start(self, **settings):
         return self.start_server(allowed_signers=self.allowed, **settings)
 
+    def test_only_signed_archives_are_decompressed(self):
+        """The signature is checked over the file as stored first: a forged or missing .sig costs no decompression."""
+        self.publish_built(self.build(4))
+        self.publish_built(self.build(5, "stranger"))
+        self.publish_built(self.build(6), signature=False)
+        decompressed = []
+        real_check = sig.check_update_archive
+
+        def recording_check(fileobj, digits, *args, **kwargs):
+            decompressed.append(int(digits))
+            return real_check(fileobj, digits, *args, **kwargs)
+
+        with mock.patch.object(sig, "check_update_archive", recording_check):
+            catalog = sig.Catalog(self.updates, signers=sig.load_allowed_signers(self.allowed))
+            catalog.start()
+            self.addCleanup(catalog.stop)
+            self.assertTrue(wait_until(lambda: catalog.snapshot.rejected == 1 and catalog.snapshot.updates, 20))
+            self.assertTrue(wait_until(lambda: catalog.snapshot.waiting == 0, 20))
+        self.assertEqual([update.version for update in catalog.snapshot.updates], [4])
+        self.assertEqual(catalog.snapshot.unsigned, 1)
+        self.assertEqual(decompressed, [4])
+
+    def test_a_key_whose_valid_before_passes_withdraws_its_updates_without_a_sighup(self):
+        boundary = time.time() + 4
+        self.write_allowed('ops@example.org valid-before="%s" %s\n'
+                           % (time.strftime("%Y%m%d%H%M%SZ", time.gmtime(boundary)), self.keys["ed25519"][1]))
+        self.publish_built(self.build(1700000001))
+        server = self.start()
+        self.assertEqual(server.get("/version").body, b"1700000001")
+        self.assertTrue(wait_until(lambda: server.get("/latest").status == 404, 12), server.log())
+        self.assertGreaterEqual(time.time(), boundary - 1)
+        self.assertEqual(server.get("/ls").body, b"")
+
+    def test_allowed_signers_edits_take_effect_without_a_sighup_and_fail_closed(self):
+        self.publish_built(self.build(1700000001))
+        self.publish_built(self.build(1700000002, "rsa"))
+        server = self.start()
+        self.assertEqual(len(server.get("/ls").body.split(b"\n")), 2)
+        self.write_allowed('rsa-ops@example.org namespaces="opq-box-update" %s\n' % self.keys["rsa"][1])
+        self.assertTrue(wait_until(lambda: server.get("/ls").body == b"opq-box-update-1700000002.tar.bz2", 5),
+                        "a key the file no longer lists is dropped: " + server.log())
+        self.write_allowed("# every key revoked\n")
+        self.assertTrue(wait_until(lambda: server.get("/latest").status == 404, 5), server.log())
+        health = server.health()
+        self.assertIs(health["ok"], False)
+        self.assertIn("no signed update is offered", health["info"])
+        self.write_allowed("ops@example.org %s\n" % self.keys["ed25519"][1])
+        self.assertTrue(wait_until(lambda: server.get("/ls").body == b"opq-box-update-1700000001.tar.bz2", 5),
+                        server.log())
+        self.assertIs(server.health()["ok"], True)
+        self.assertEqual(server.log().count("no signed update is offered"), 1, server.log())
+
+    def test_a_broken_file_on_sighup_keeps_no_key(self):
+        self.publish_built(self.build(1700000001))
+        server = self.start()
+        self.assertEqual(server.get("/version").body, b"1700000001")
+        with open(self.allowed, "w") as allowed:
+            allowed.write("")
+        os.utime(self.allowed, (0, 0))    # SIGHUP alone must do it, whatever the watcher saw
+        server.process.send_signal(signal.SIGHUP)
+        self.assertTrue(wait_until(lambda: server.get("/latest").status == 404, 5), server.log())
+        self.assertIs(server.health()["ok"], False)
+
     def test_signed_updates_are_offered_and_what_is_served_verifies_with_ssh_keygen(self):
         cases = [(1700000001, "ed25519", None), (1700000002, "ed25519", "sha256"), (1700000003, "rsa", None),
                  (1700000004, "rsa", "sha256")]
@@ -963,7 +1027,7 @@ class SignedUpdatesTest(TempDirTestCase):
         self.assertEqual(server.get("/ls").body, b"opq-box-update-1700000001.tar.bz2")
         self.assertIn("1 update(s) waiting for a signature", server.health()["info"])
 
-    def test_a_key_removed_from_the_file_stops_its_updates_at_restart_or_sighup(self):
+    def test_a_key_removed_from_the_file_stops_its_updates_at_restart_or_sighup_and_a_broken_file_fails_closed(self):
         self.publish_built(self.build(1700000001, "ed25519"))
         self.publish_built(self.build(1700000002, "rsa"))
         server = self.start()
@@ -972,10 +1036,10 @@ class SignedUpdatesTest(TempDirTestCase):
         server.process.send_signal(signal.SIGHUP)
         self.assertTrue(wait_until(lambda: server.get("/version").body == b"1700000001", 10), server.log())
         self.assertTrue(wait_until(lambda: "read 1 key(s)" in server.log(), 10), server.log())
-        self.write_allowed("ops@example.org broken-key-type AAAA\n")             # a broken file keeps the keys
+        self.write_allowed("ops@example.org broken-key-type AAAA\n")             # a broken file keeps no key
         server.process.send_signal(signal.SIGHUP)
-        self.assertTrue(wait_until(lambda: "the keys read before stay in use" in server.log(), 10))
-        self.assertEqual(server.get("/version").body, b"1700000001")
+        self.assertTrue(wait_until(lambda: server.get("/version").status == 404, 10), server.log())
+        self.assertIs(server.health()["ok"], False)
         self.write_allowed("rsa-ops@example.org %s\n" % self.keys["rsa"][1])
         self.assertEqual(server.stop(), 0)
         restarted = self.start()
