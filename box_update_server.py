@@ -2948,6 +2948,7 @@ def format_http_date(seconds: int) -> str:
 CACHE_IMMUTABLE = "public, max-age=31536000, immutable"
 CACHE_REVALIDATE = "no-cache"
 CACHE_NEVER = "no-store"
+CACHE_PER_BOX = "private, no-store"     # /latest under a rollout policy: one box's own answer (RFC 9111 §5.2.2.7)
 
 
 class FileBody(NamedTuple):
@@ -2957,6 +2958,7 @@ class FileBody(NamedTuple):
     length: int
     identity: FileIdentity          # what the file must still be between pieces
     name: str
+    ended: Optional[Callable[[bool], None]] = None     # told, once sent, whether every byte went out
 
 
 class Answer(NamedTuple):
@@ -3086,8 +3088,9 @@ class Metrics:
                 buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
                 self.duration_sums[route] += seconds
 
-    def render(self, snapshot: Snapshot, connections: ConnectionCounts, checking_seconds: float) -> bytes:
-        """The Prometheus text exposition format 0.0.4."""
+    def render(self, snapshot: Snapshot, connections: ConnectionCounts, checking_seconds: float,
+               extra: Sequence[MetricFamily] = ()) -> bytes:
+        """The Prometheus text exposition format 0.0.4; extra families (the rollout's) at the end."""
         out = MetricsWriter()
         with self._lock:
             out.family("box_update_server_requests_total", "counter", "HTTP requests answered, by route and status.",
@@ -3131,6 +3134,8 @@ class Metrics:
                    [({}, round(self.started, 3))])
         out.family("box_update_server_build_info", "gauge", "This server's version and the Python running it.",
                    [({"version": __version__, "python": "%d.%d.%d" % sys.version_info[:3]}, 1)])
+        for name, kind, help_text, samples in extra:
+            out.family(name, kind, help_text, samples)
         return out.text().encode("utf-8")
 
 
@@ -3409,10 +3414,14 @@ class ConnectionHandler(http.server.BaseHTTPRequestHandler):
             return
         self.ranged = answer.status == 206
         self.download = (answer.file.name, False)
-        with tcp_corked(self.connection):   # headers and body in full segments, as nginx's tcp_nopush
-            self.wfile.flush()
-            self.send_file_body(answer.file)
-        self.download = (answer.file.name, True)
+        try:
+            with tcp_corked(self.connection):   # headers and body in full segments, as nginx's tcp_nopush
+                self.wfile.flush()
+                self.send_file_body(answer.file)
+            self.download = (answer.file.name, True)
+        finally:
+            if answer.file.ended is not None:
+                answer.file.ended(self.download[1])
 
     def send_file_body(self, body: FileBody) -> None:
         """sendfile(2) the body, looking between copy_chunk pieces that the file is unchanged.
@@ -3506,18 +3515,19 @@ NO_UPDATES = "Update dir does not contain any valid updates."
 
 
 class UpdateRoutes:
-    """What each route answers: /, /ls, /latest, /version, /metrics and /update/<name>[.sha256|.sig].
+    """What each route answers: /, /ls, /latest, /version, /metrics, /fleet and /update/<name>[.sha256|.sig].
 
     One instance serves every connection; each route is a function of the request and the
     catalog's snapshot, for GET and HEAD alike (the protocol layer leaves HEAD's body out).
     """
 
     def __init__(self, settings: Settings, catalog: Catalog, metrics: Metrics,
-                 connection_counts: Callable[[], "ConnectionCounts"]) -> None:
+                 connection_counts: Callable[[], "ConnectionCounts"], rollout: Optional[Rollout] = None) -> None:
         self.settings = settings
         self.catalog = catalog
         self.metrics = metrics
         self.connection_counts = connection_counts
+        self.rollout = rollout
 
     def respond(self, request: Request) -> Answer:
         """The table of contents."""
@@ -3529,11 +3539,13 @@ class UpdateRoutes:
         if path == "/ls":
             return self.listing(request)
         if path == "/latest":
-            return self.latest()
+            return self.latest(request)
         if path == "/version":
             return self.version(request)
         if path == "/metrics":
             return self.prometheus_metrics(request)
+        if path == "/fleet":
+            return self.fleet(request)
         if path.startswith("/update/") and path.endswith(".sha256"):
             return self.checksum(request, path[len("/update/"):-len(".sha256")])
         if path.startswith("/update/") and path.endswith(SIGNATURE_SUFFIX):
@@ -3556,6 +3568,10 @@ class UpdateRoutes:
             notes.append("%d update(s) waiting for a signature" % snapshot.unsigned)
         if snapshot.waiting:
             notes.append("%d file(s) waiting to be checked" % snapshot.waiting)
+        if self.rollout is not None:
+            state_ok, rollout_notes = self.rollout.health_notes(snapshot, time.time())
+            health["ok"] = health["ok"] and state_ok
+            notes += rollout_notes
         if notes:
             health["info"] = "; ".join(notes)
         return Answer(200, "/", json.dumps(health).encode("utf-8"), "application/json")
@@ -3565,12 +3581,18 @@ class UpdateRoutes:
         return cacheable_answer(request.headers, self.catalog.snapshot.listing, "text/plain", CACHE_REVALIDATE,
                                 "/ls")
 
-    def latest(self) -> Answer:
-        """303 to the newest update, relative so it also works under a proxy's path prefix."""
-        latest = self.catalog.snapshot.latest
+    def latest(self, request: Request) -> Answer:
+        """303 to the newest update, relative so it also works under a proxy's path prefix; under a rollout
+        policy, to the update the policy gives this box, an answer no cache may give another."""
+        snapshot = self.catalog.snapshot
+        if self.rollout is None:
+            latest, cache = snapshot.latest, CACHE_REVALIDATE
+        else:
+            latest = self.rollout.answer_latest(snapshot, read_box_headers(request.headers), request.client)
+            cache = CACHE_PER_BOX
         if latest is None:
             return text_answer(404, NOT_FOUND, "/latest")
-        return Answer(303, "/latest", fields=(("Location", "update/" + latest.name),))
+        return Answer(303, "/latest", fields=(("Location", "update/" + latest.name),), cache=cache)
 
     def version(self, request: Request) -> Answer:
         """/version: the newest VERSION as text."""
@@ -3584,8 +3606,17 @@ class UpdateRoutes:
         """Prometheus metrics, for the addresses metrics_allow lists (judged on the client, not the proxy)."""
         if not in_networks(parse_address(request.client), self.settings.metrics_allow):
             return text_answer(404, NOT_FOUND, "/metrics")
-        body = self.metrics.render(self.catalog.snapshot, self.connection_counts(), self.catalog.checking_seconds)
+        snapshot = self.catalog.snapshot
+        extra = self.rollout.metric_families(snapshot, time.time()) if self.rollout is not None else []
+        body = self.metrics.render(snapshot, self.connection_counts(), self.catalog.checking_seconds, extra)
         return Answer(200, "/metrics", body, "text/plain; version=0.0.4; charset=utf-8", cache=CACHE_NEVER)
+
+    def fleet(self, request: Request) -> Answer:
+        """/fleet: the rollout and every box known, as JSON, for the addresses metrics_allow lists."""
+        if self.rollout is None or not in_networks(parse_address(request.client), self.settings.metrics_allow):
+            return text_answer(404, NOT_FOUND, "/fleet")
+        body = json.dumps(self.rollout.fleet(self.catalog.snapshot, time.time())).encode("utf-8")
+        return Answer(200, "/fleet", body, "application/json", cache=CACHE_NEVER)
 
     def checksum(self, request: Request, encoded_name: str) -> Answer:
         """``<hex>  <name>``, the format ``sha256sum -c`` reads."""
@@ -3622,10 +3653,20 @@ class UpdateRoutes:
                 if update.checked:
                     return text_answer(404, NOT_FOUND, "/update")     # not the file that was checked
             answer = download_answer(request, update, identity, descriptor)
+            if self.rollout is not None and answer.file is not None:
+                answer = answer._replace(file=answer.file._replace(ended=functools.partial(
+                    self.download_ended, request, update, answer.file.first + answer.file.length == identity.size)))
             return answer
         finally:
             if answer is None or answer.file is None:     # otherwise the protocol layer closes it once sent
                 os.close(descriptor)
+
+
+    def download_ended(self, request: Request, update: Update, to_the_end: bool, every_byte: bool) -> None:
+        """The rollout notes who downloaded what: completely when every byte up to the file's end went out."""
+        if self.rollout is not None and request.method == "GET":
+            self.rollout.record_download(read_box_headers(request.headers), request.client, update,
+                                         to_the_end and every_byte)
 
 
 def download_answer(request: Request, update: Update, identity: FileIdentity, descriptor: int) -> Answer:
@@ -3820,16 +3861,18 @@ class BoxUpdateServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, settings: Settings, catalog: Catalog, access_log: Optional[AccessLog] = None,
                  routes: Callable[..., UpdateRoutes] = UpdateRoutes,
-                 handler: Callable[..., ConnectionHandler] = ConnectionHandler) -> None:
+                 handler: Callable[..., ConnectionHandler] = ConnectionHandler,
+                 rollout: Optional[Rollout] = None) -> None:
         self.settings = settings
         self.catalog = catalog
+        self.rollout = rollout
         self.metrics = Metrics()
         self.connections = ConnectionTable(settings.max_connections, settings.max_connections_per_client)
         self.stopping = False
         self.signers_file = WatchedFile(settings.allowed_signers or "")
         self.keys_judged_at = time.time()
         self._keys_stopping = threading.Event()
-        self.routes = routes(settings, catalog, self.metrics, self.connections.counts)
+        self.routes = routes(settings, catalog, self.metrics, self.connections.counts, rollout=rollout)
         self.context = ProtocolContext(settings.idle_timeout, settings.request_header_timeout,
                                        settings.trusted_proxies, self.connections, access_log or AccessLog(),
                                        self.metrics, lambda: self.stopping)
@@ -3885,6 +3928,8 @@ class BoxUpdateServer(http.server.ThreadingHTTPServer):
             self.reload_keys("SIGHUP")
         else:
             self.catalog.reload(None)
+        if self.rollout is not None:
+            self.rollout.reload()
         logger.info("SIGHUP: rescanned %s", self.settings.updates_dir)
 
     def reload_keys(self, why: str) -> None:
@@ -3974,9 +4019,12 @@ def make_server(settings: Settings, access_log: Optional[AccessLog] = None) -> B
         logger.warning("allowed_signers %s: %s", settings.allowed_signers, warning)
     check_updates_dir(settings.updates_dir)
     catalog = Catalog(settings.updates_dir, verify=settings.verify_updates, signers=signers)
+    rollout = open_rollout(settings, lambda: catalog.snapshot)
     try:
-        server = BoxUpdateServer(settings, catalog, access_log=access_log)
+        server = BoxUpdateServer(settings, catalog, access_log=access_log, rollout=rollout)
     except OSError as error:
+        if rollout is not None:
+            rollout.store.close()
         if error.errno == errno.EADDRINUSE:
             raise SettingsError("port %d is already in use" % settings.port) from None
         raise SettingsError("cannot listen on %s:%d: %s"
@@ -3984,6 +4032,8 @@ def make_server(settings: Settings, access_log: Optional[AccessLog] = None) -> B
     catalog.start()
     if settings.allowed_signers:
         threading.Thread(target=server.watch_keys, name="keys-watcher", daemon=True).start()
+    if rollout is not None:
+        rollout.start()
     return server
 
 
@@ -4019,6 +4069,8 @@ def serve(server: BoxUpdateServer) -> int:
     server.serve_forever()
     server.stop(server.settings.shutdown_grace)
     server.catalog.stop()
+    if server.rollout is not None:
+        server.rollout.stop()
     logger.info("stopped")
     return 0
 
@@ -4077,14 +4129,60 @@ def probe_health(settings: Settings) -> int:
     return 0 if healthy else 1
 
 
+def print_fleet(settings: Settings) -> int:
+    """``fleet``: the running server's /fleet as a table: the rollout, then one line per box."""
+    host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)  # nosec
+    connection = http.client.HTTPConnection(host, settings.port, timeout=10)
+    try:
+        connection.request("GET", "/fleet")
+        answer = connection.getresponse()
+        body = answer.read()
+        if answer.status != 200:
+            raise ValueError("/fleet answered %d %s (a server without a rollout policy, or this address is not in "
+                             "metrics_allow)" % (answer.status, answer.reason))
+        fleet = json.loads(body.decode("utf-8"))
+    except (OSError, ValueError, http.client.HTTPException) as error:
+        print("box_update_server: error: cannot read the fleet from %s:%d: %s" % (host, settings.port, error),
+              file=sys.stderr)
+        return 1
+    finally:
+        connection.close()
+    for line in fleet_table(fleet, time.time()):
+        print(line)
+    return 0
+
+
+def fleet_table(fleet: Mapping[str, Any], now: float) -> List[str]:
+    """The lines ``fleet`` prints: the rollout in a sentence, then the boxes in aligned columns."""
+    rollout = fleet["rollout"]
+    if rollout["release"] is None:
+        lines = ["no update offered"]
+    else:
+        started = ("started %s" % time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rollout["started"]))
+                   if rollout["started"] else "rolled out before the rollout state existed")
+        lines = ["%s (VERSION %d): %s; %.0f%% of the fleet eligible; canaries %s; %d failure(s)%s" % (
+            rollout["release"], rollout["version"], started, rollout["eligible_share"] * 100,
+            "done" if rollout["canaries_done"] else "only", rollout["failures"],
+            "; HALTED: %s" % rollout["halt_reason"] if rollout["halted"] else "")]
+    header = ("BOX", "ADDRESS", "REPORTED", "OFFERED", "DOWNLOADED", "STATE", "LAST SEEN")
+    rows = [header] + [(box["box"], box["address"], str(box["reported_version"] or "-"),
+                        str(box["offered_version"] or "-"), "yes" if box["downloaded"] else "no", box["state"],
+                        "%.0f s ago" % max(0.0, now - box["last_seen"])) for box in fleet["boxes"]]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+    lines.append("%d box(es)" % len(fleet["boxes"]))
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    return lines
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    """Run the server (the default), ``health`` or ``check``; return the exit status."""
+    """Run the server (the default), ``health``, ``fleet`` or ``check``; return the exit status."""
     parser = argparse.ArgumentParser(
         prog="box_update_server.py",
         description="Serve OPQ Box updates. Configured by the JSON in %s." % SETTINGS_VARIABLE)
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("serve", help="run the server (the default)")
     commands.add_parser("health", help="exit 0 if the configured server answers ok on /, 1 if not")
+    commands.add_parser("fleet", help="print the configured server's rollout and every box it knows (/fleet)")
     check = commands.add_parser("check", help="check update archives as the server would, before publishing")
     check.add_argument("--allowed-signers", metavar="FILE",
                        help="also require ARCHIVE.sig to verify under a key in this OpenSSH allowed_signers file")
@@ -4097,6 +4195,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         settings, warnings = parse_settings(os.environ.get(SETTINGS_VARIABLE), os.getcwd())
         if arguments.command == "health":
             return probe_health(settings)
+        if arguments.command == "fleet":
+            return print_fleet(settings)
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")
         for warning in warnings:
             logger.warning("%s", warning)
