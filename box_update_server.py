@@ -26,7 +26,6 @@ import argparse
 import base64
 import bz2
 import calendar
-import collections
 import contextlib
 import datetime
 import email.utils
@@ -1920,7 +1919,6 @@ def read_box_headers(headers: Mapping[str, str]) -> BoxReport:
     return BoxReport(box_id, version, failed, tuple(malformed))
 
 
-@functools.lru_cache(maxsize=1 << 15)     # /latest asks it for every box it answers: a hash is 2 us, a lookup 0.2
 def wave_position(box: str, version: int) -> float:
     """The box's stable place in [0, 1) in the waves of one release: a new release shuffles the fleet anew."""
     digest = hashlib.sha256(("%s\n%d" % (box, version)).encode("utf-8")).digest()
@@ -1961,6 +1959,10 @@ class BoxView(NamedTuple):
     downloaded_version: Optional[int]       # the VERSION it was last seen downloading
     failed_version: Optional[int]           # the VERSION it failed to install
 
+    def position(self, version: int) -> float:
+        """Its wave position in that release."""
+        return wave_position(self.box, version)
+
 
 def release_open_to(update: Update, policy: RolloutPolicy, clocks: Mapping[int, ReleaseClock], box: "AnyBox",
                     now: float) -> bool:
@@ -1972,7 +1974,7 @@ def release_open_to(update: Update, policy: RolloutPolicy, clocks: Mapping[int, 
         return False          # not started (the policy is broken) or halted
     if clock.started == 0 or policy.is_canary(box.box_id, box.address):
         return True
-    return wave_position(box.box, update.version) < wave_share(policy, rollout_elapsed(clock, now))
+    return box.position(update.version) < wave_share(policy, rollout_elapsed(clock, now))
 
 
 def choose_update(updates: Sequence[Update], policy: RolloutPolicy, clocks: Mapping[int, ReleaseClock],
@@ -1996,10 +1998,9 @@ def choose_update(updates: Sequence[Update], policy: RolloutPolicy, clocks: Mapp
 
 class BoxRecord:
     """What the server knows of one box."""
-    __slots__ = ("box", "box_id", "address", "first_seen", "last_seen", "reported", "offered", "offered_version",
-                 "downloaded_version", "download_complete", "downloaded_at", "failed_version", "failed_at")
-
-    COLUMNS = __slots__
+    COLUMNS = ("box", "box_id", "address", "first_seen", "last_seen", "reported", "offered", "offered_version",
+               "downloaded_version", "download_complete", "downloaded_at", "failed_version", "failed_at")
+    __slots__ = COLUMNS + ("_position",)
 
     def __init__(self, box: str, box_id: Optional[str], address: str, now: float) -> None:
         self.box, self.box_id, self.address = box, box_id, address
@@ -2012,6 +2013,13 @@ class BoxRecord:
         self.downloaded_at: Optional[float] = None
         self.failed_version: Optional[int] = None
         self.failed_at: Optional[float] = None
+        self._position = (-1, 0.0)
+
+    def position(self, version: int) -> float:
+        """Its wave position in that release, kept: /latest asks it on every check (a hash costs 2 us)."""
+        if self._position[0] != version:
+            self._position = (version, wave_position(self.box, version))
+        return self._position[1]
 
     def row(self) -> Tuple[Any, ...]:
         """The record as a row of the boxes table, in COLUMNS order."""
@@ -2178,8 +2186,7 @@ class Rollout:
         self.baseline = int(self._meta["baseline"])
         self._clocks = {clock.version: clock for clock in releases}
         self._clocks_dirty: Set[int] = set()
-        self._boxes: "collections.OrderedDict[str, BoxRecord]" = collections.OrderedDict(
-            (record.box, record) for record in boxes)
+        self._boxes = {record.box: record for record in boxes}
         self._dirty: Set[str] = set()
         self._touched: Set[str] = set()
         self._forgotten: Set[str] = set()
@@ -2236,17 +2243,18 @@ class Rollout:
             self._changed(record, True)
 
     def _record(self, report: BoxReport, client: str, now: float) -> BoxRecord:
-        """The box's record, made (and the longest unseen forgotten beyond max_boxes) when new, last in line."""
+        """The box's record; made when new, the longest unseen forgotten first beyond max_boxes (a hundredth
+        of them at a time, so a flood of new ids costs a scan per hundredth, not one per request)."""
         box = report.box(client)
         record = self._boxes.get(box)
         if record is None:
-            while len(self._boxes) >= self.max_boxes:
-                self._forget(next(iter(self._boxes)))
+            if len(self._boxes) >= self.max_boxes:
+                excess = len(self._boxes) - self.max_boxes + max(1, self.max_boxes // 100)
+                for oldest in heapq.nsmallest(excess, self._boxes.values(), key=lambda known: known.last_seen):
+                    self._forget(oldest.box)
             record = self._boxes[box] = BoxRecord(box, report.box_id, client, now)
             self._forgotten.discard(box)
             self._dirty.add(box)
-        else:
-            self._boxes.move_to_end(box)
         return record
 
     def _changed(self, record: BoxRecord, more_than_seen: bool) -> None:
@@ -2447,8 +2455,8 @@ class Rollout:
             if time.monotonic() - self._forget_checked >= 60:
                 self._forget_checked = time.monotonic()
                 horizon = now - self.FORGET_AFTER_SILENT * self.silent_after
-                while self._boxes and next(iter(self._boxes.values())).last_seen < horizon:
-                    self._forget(next(iter(self._boxes)))
+                for record in [record for record in self._boxes.values() if record.last_seen < horizon]:
+                    self._forget(record.box)
 
     def flush(self, everything: bool = False) -> bool:
         """Write what changed in one transaction; on failure log it once, say so on /, and try again later."""

@@ -10,9 +10,7 @@ import time
 import unittest
 import unittest.mock
 
-import support  # noqa: F401  (puts the server on the path)
-
-import box_update_server as bus
+from support import bus     # support puts the server on the path
 
 HOUR = 3600.0
 NOW = 1800000000.0
