@@ -2328,6 +2328,7 @@ class Rollout:
                 self._set_clock(ReleaseClock(update.version, 0.0, 0.0, None, False, 0, 0))
             elif self.policy_problem is None:    # nobody gets what the last good policy would not have given
                 self._set_clock(ReleaseClock(update.version, now, 0.0, None, False, 0, 0))
+                self._progress[update.version] = -1
                 logger.info("rollout: %s (VERSION %d) starts rolling out: canaries for %g h, then waves over %g h",
                             update.name, update.version, self.policy.canary_hours, self.policy.waves_hours)
             else:
@@ -2443,9 +2444,8 @@ class Rollout:
             latest = snapshot.latest
             clock = self._clocks.get(latest.version) if latest else None
             if latest is not None and clock is not None and clock.started:
-                elapsed = rollout_elapsed(clock, now)
-                step = -1 if elapsed < self.policy.canary_hours * 3600 else int(wave_share(self.policy, elapsed) * 10)
-                logged = self._progress.setdefault(latest.version, step)
+                step = self._step(clock, now)
+                logged = self._progress.setdefault(latest.version, step)    # progress before a restart is not news
                 if step > logged:
                     self._progress[latest.version] = step
                     if logged < 0:
@@ -2457,6 +2457,11 @@ class Rollout:
                 horizon = now - self.FORGET_AFTER_SILENT * self.silent_after
                 for record in [record for record in self._boxes.values() if record.last_seen < horizon]:
                     self._forget(record.box)
+
+    def _step(self, clock: ReleaseClock, now: float) -> int:
+        """-1 while only the canaries have the release, then the tenths of the fleet its waves reached."""
+        elapsed = rollout_elapsed(clock, now)
+        return -1 if elapsed < self.policy.canary_hours * 3600 else int(wave_share(self.policy, elapsed) * 10)
 
     def flush(self, everything: bool = False) -> bool:
         """Write what changed in one transaction; on failure log it once, say so on /, and try again later."""

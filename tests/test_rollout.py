@@ -569,6 +569,15 @@ class RolloutStateTest(unittest.TestCase):
         self.assertEqual([line.rsplit(" ", 4)[-4] for line in self.log.matching("of the fleet")],
                          ["%d%%" % (10 * step) for step in range(1, 11)])
 
+    def test_canaries_done_is_logged_when_the_policy_ends_their_time_before_a_tick(self):
+        rollout = self.open()
+        self.offered = snapshot(5, 6)
+        self.ask(rollout, "1001", at=NOW)          # the release starts on a request, before any tick
+        self.write_policy(canaries=["1001"], canary_hours=0, waves_hours=10)
+        rollout.reload()
+        rollout.tick(NOW + 1)
+        self.assertEqual(len(self.log.matching("opq-box-update-6.tar.bz2: canaries done")), 1)
+
     def test_metrics_labels_stay_bounded(self):
         rollout = self.open()
         for number in range(20):
