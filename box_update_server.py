@@ -2531,14 +2531,14 @@ class Rollout:
     def fleet(self, snapshot: Snapshot, now: float) -> Dict[str, Any]:
         """The /fleet document: the rollout, and every box known."""
         newest = snapshot.latest.version if snapshot.latest else None
-        with self._lock:
-            records = sorted(self._boxes.values(), key=lambda record: record.box)
-            boxes = [{"box": record.box, "id": record.box_id, "address": record.address,
-                      "first_seen": record.first_seen, "last_seen": record.last_seen,
-                      "reported_version": record.reported, "offered": record.offered,
-                      "offered_version": record.offered_version, "downloaded": record.downloaded(),
-                      "state": record.state(newest, self.silent_after, now)} for record in records]
-        return {"rollout": self.summary(snapshot, now), "boxes": boxes}
+        with self._lock:    # copied as tuples under the lock; requests wait for no sorting or JSON
+            rows = [(record.box, record.box_id, record.address, record.first_seen, record.last_seen, record.reported,
+                     record.offered, record.offered_version, record.downloaded(),
+                     record.state(newest, self.silent_after, now)) for record in self._boxes.values()]
+        rows.sort()
+        keys = ("box", "id", "address", "first_seen", "last_seen", "reported_version", "offered", "offered_version",
+                "downloaded", "state")
+        return {"rollout": self.summary(snapshot, now), "boxes": [dict(zip(keys, row)) for row in rows]}
 
     def health_notes(self, snapshot: Snapshot, now: float) -> Tuple[bool, List[str]]:
         """(whether the state can be written, what / should say)."""

@@ -10,12 +10,15 @@ import re
 import signal
 import sqlite3
 import subprocess
+import threading
 import time
 import unittest
 
 from support import SERVER, TempDirTestCase, make_update, python_executable, request, require_binary, wait_until
 
 from test_proxy import PREFIX, Nginx, find_nginx
+
+import box_update_server as bus
 
 OLD, NEW = 1700000000, 1700000100
 OLD_NAME, NEW_NAME = "opq-box-update-%d.tar.bz2" % OLD, "opq-box-update-%d.tar.bz2" % NEW
@@ -229,6 +232,56 @@ class FailuresTest(FleetTestCase):
         self.assertEqual((entry["id"], entry["address"], entry["reported_version"], entry["offered"],
                           entry["offered_version"], entry["downloaded"], entry["state"]),
                          ("box-0", "127.0.0.10", NEW, NEW_NAME, NEW, True, "current"))
+
+
+    def test_a_part_of_the_file_is_not_a_complete_download(self):
+        self.write_policy(canaries=["box-0"], canary_hours=1)
+        server = self.start()
+        self.publish_new()
+        headers = {"X-OPQ-Box-Id": "box-0", "Range": "bytes=0-99"}
+        self.assertEqual(request(server.port, "GET", "/update/" + NEW_NAME, headers, source="127.0.0.10").status, 206)
+        self.assertEqual(self.boxes[0].ask(self.base), NEW_NAME)
+        entry = [entry for entry in self.fleet()["boxes"] if entry["box"] == "box-0"][0]
+        self.assertEqual((entry["downloaded"], entry["state"]), (False, "offered"))
+        headers["Range"] = "bytes=100-"     # the rest, as wget -c resumes
+        self.assertEqual(request(server.port, "GET", "/update/" + NEW_NAME, headers, source="127.0.0.10").status, 206)
+        entry = [entry for entry in self.fleet()["boxes"] if entry["box"] == "box-0"][0]
+        self.assertEqual((entry["downloaded"], entry["state"]), (True, "downloaded"))
+
+
+class StateWriteFailureTest(TempDirTestCase):
+    """A write that fails at run time: logged, / says "ok": false, requests still answered (in-process, so the
+    store's write can fail on purpose)."""
+
+    def test_requests_are_answered_and_health_says_so(self):
+        make_update(self.updates, OLD)
+        policy_path = os.path.join(self.tmp, "rollout.json")
+        with open(policy_path, "w") as policy_file:
+            policy_file.write("{}")
+        os.mkdir(os.path.join(self.tmp, "state"))
+        settings = bus.Settings(port=0, updates_dir=self.updates, host="127.0.0.1", rollout=policy_path,
+                                state_dir=os.path.join(self.tmp, "state"))
+        catalog = bus.Catalog(self.updates)
+        rollout = bus.open_rollout(settings, lambda: catalog.snapshot)
+
+        def failing_write(*_arguments):
+            raise sqlite3.OperationalError("database or disk is full")
+
+        rollout.store.write = failing_write
+        server = bus.BoxUpdateServer(settings, catalog, rollout=rollout)
+        catalog.start()
+        rollout.start()
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        self.addCleanup(rollout.stop)
+        self.addCleanup(catalog.stop)
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        port = server.server_address[1]
+        self.assertTrue(wait_until(lambda: request(port, "GET", "/latest").status == 303, 30))
+        self.assertTrue(wait_until(lambda: json.loads(request(port, "GET", "/").body)["ok"] is False, 10))
+        health = json.loads(request(port, "GET", "/").body)
+        self.assertIn("the rollout state cannot be written: database or disk is full", health["info"])
+        self.assertEqual(request(port, "GET", "/latest", source="127.0.0.5").status, 303)
 
 
 class RestartTest(FleetTestCase):
