@@ -7,6 +7,7 @@ talks from its own loopback address.  Time is shortened through fractional hours
 import json
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -416,6 +417,11 @@ class AccessAndCommandTest(FleetTestCase):
                      "box_update_server_rollout_eligible_share 0.0",
                      "box_update_server_rollout_failures 0", "box_update_server_rollout_halted 0"]:
             self.assertIn(line, metrics)
+        promtool = shutil.which("promtool")
+        if promtool:        # Prometheus' own linter, where installed (Debian package prometheus, in .ci/run)
+            checked = subprocess.run([promtool, "check", "metrics"], input=metrics.encode(), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, timeout=60)
+            self.assertEqual((checked.returncode, checked.stdout.decode(errors="replace")), (0, ""), metrics)
 
 
 class BadInputTest(FleetTestCase):
