@@ -5,6 +5,7 @@ talks from its own loopback address.  Time is shortened through fractional hours
 """
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -255,6 +256,11 @@ class StateWriteFailureTest(TempDirTestCase):
     store's write can fail on purpose)."""
 
     def test_requests_are_answered_and_health_says_so(self):
+        logged = []
+        handler = logging.Handler()
+        handler.emit = lambda record: logged.append(record.getMessage())
+        bus.logger.addHandler(handler)
+        self.addCleanup(bus.logger.removeHandler, handler)
         make_update(self.updates, OLD)
         policy_path = os.path.join(self.tmp, "rollout.json")
         with open(policy_path, "w") as policy_file:
@@ -283,6 +289,8 @@ class StateWriteFailureTest(TempDirTestCase):
         health = json.loads(request(port, "GET", "/").body)
         self.assertIn("the rollout state cannot be written: database or disk is full", health["info"])
         self.assertEqual(request(port, "GET", "/latest", source="127.0.0.5").status, 303)
+        time.sleep(1.5)      # the writer tries again, and again fails
+        self.assertEqual(len([line for line in logged if "cannot be written: database or disk is full" in line]), 1)
 
 
 class RestartTest(FleetTestCase):
