@@ -333,7 +333,8 @@ class RestartTest(FleetTestCase):
 
 
 class ThroughNginxTest(FleetTestCase):
-    """examples/nginx/box-update-server.conf in front: /latest reaches the server for every box, downloads are cached."""
+    """examples/nginx/box-update-server.conf in front: /latest reaches the server for every box, downloads are
+    cached."""
 
     def test_latest_is_never_cached_and_updates_are(self):
         binary = find_nginx()
