@@ -591,6 +591,32 @@ class RolloutStateTest(unittest.TestCase):
                          sorted(bus.BOX_STATES))
 
 
+class FleetTableTest(unittest.TestCase):
+
+    def test_the_fleet_command_prints_the_rollout_then_aligned_boxes(self):
+        fleet = {"rollout": {"release": "opq-box-update-6.tar.bz2", "version": 6, "started": NOW,
+                             "eligible_share": 0.25, "canaries_done": True, "failures": 2, "halted": True,
+                             "halt_reason": "halt in the policy file"},
+                 "boxes": [{"box": "1001", "id": "1001", "address": "10.0.0.1", "first_seen": NOW,
+                            "last_seen": NOW - 30, "reported_version": 5, "offered": "o", "offered_version": 6, "downloaded": True,
+                            "state": "downloaded"},
+                           {"box": "10.0.0.20", "id": None, "address": "10.0.0.20", "first_seen": NOW,
+                            "last_seen": NOW, "reported_version": None, "offered": None, "offered_version": None,
+                            "downloaded": False, "state": "offered"}]}
+        lines = bus.fleet_table(fleet, NOW)
+        self.assertRegex(lines[0], r"^opq-box-update-6\.tar\.bz2 \(VERSION 6\): started .*; 25% of the fleet "
+                                   r"eligible; canaries done; 2 failure\(s\); HALTED: halt in the policy file$")
+        self.assertEqual(lines[1], "2 box(es)")
+        self.assertEqual(lines[2].split(), ["BOX", "ADDRESS", "REPORTED", "OFFERED", "DOWNLOADED", "STATE", "LAST",
+                                            "SEEN"])
+        self.assertEqual(lines[3].split(), ["1001", "10.0.0.1", "5", "6", "yes", "downloaded", "30", "s", "ago"])
+        self.assertEqual(lines[4].split(), ["10.0.0.20", "10.0.0.20", "-", "-", "no", "offered", "0", "s", "ago"])
+        self.assertEqual(lines[2].index("STATE"), lines[3].index("downloaded"))      # aligned columns
+        self.assertEqual(lines[2].index("STATE"), lines[4].index("offered"))
+        empty = bus.fleet_table({"rollout": dict(fleet["rollout"], release=None), "boxes": []}, NOW)
+        self.assertEqual(empty[:2], ["no update offered", "0 box(es)"])
+
+
 class FleetStoreTest(unittest.TestCase):
 
     def setUp(self):
