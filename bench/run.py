@@ -275,12 +275,6 @@ def raise_open_files_limit():
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def get(port, path, headers=None):
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
@@ -293,20 +287,32 @@ def get(port, path, headers=None):
 
 class Process:
     """A server under test.  Its stdout goes to /dev/null and its stderr to log (a file) or /dev/null: never to
-    our terminal.  path_of maps a small route to what this server answers in its place."""
+    our terminal.  port None: ours, on port 0, names its port in its start line (log is then required).
+    path_of maps a small route to what this server answers in its place."""
 
     def __init__(self, name, command, port, env=None, cwd=None, log=None, path_of=None):
         self.name, self.port, self.log = name, port, log
         self.threaded = True     # a thread per connection (nginx: no)
         self.path_of = path_of or (lambda route: route)
+        start = os.path.getsize(log) if log and os.path.exists(log) else 0    # a log may be appended to
         with open(log or os.devnull, "ab") as errors:
-            self.process = subprocess.Popen(command, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
-                                            stdout=subprocess.DEVNULL, stderr=errors)
+            self.process = support.track(subprocess.Popen(command, env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+                                                          stdout=subprocess.DEVNULL, stderr=errors))
         try:
+            if self.port is None:
+                self.port = support.wait_for_listening_port(self.process, lambda: self.read_log(start), 60)
             self.wait_until_answering()
+        except AssertionError as error:
+            self.stop()
+            raise RuntimeError("%s did not start: %s" % (self.name, error)) from None
         except BaseException:
             self.stop()
             raise
+
+    def read_log(self, start=0):
+        with open(self.log, "rb") as log:
+            log.seek(start)
+            return log.read().decode(errors="replace")
 
     def wait_until_answering(self, timeout=60):
         deadline = time.monotonic() + timeout
@@ -358,12 +364,25 @@ class Process:
 
 
 def start_box_server(name, folder, log=None, command=None, verify=True, **settings):
-    """This server (or command, given the same settings) on folder; returns once its checks are done."""
-    port = free_port()
-    settings = dict({"port": port, "updates_dir": folder, "host": "127.0.0.1", "verify_updates": verify},
-                    **settings)
-    server = Process(name, command or [sys.executable, SERVER], port, log=log,
-                     env=dict(os.environ, BOX_UPDATE_SERVER_SETTINGS=json.dumps(settings)))
+    """This server (or command, given the same settings) on folder; returns once its checks are done.
+
+    It binds port 0 and names its port in its start line (support.listening_port, as in the tests), so no other
+    process can take the port first; a revision from before port 0 was allowed (--baseline-rev) is given a
+    port picked beforehand.
+    """
+    if log is None:
+        log = os.path.join(folder, os.pardir, "box-server-%d.log" % time.monotonic_ns())
+    settings = dict({"port": 0, "updates_dir": folder, "host": "127.0.0.1", "verify_updates": verify}, **settings)
+    try:
+        server = Process(name, command or [sys.executable, SERVER], None, log=log,
+                         env=dict(os.environ, BOX_UPDATE_SERVER_SETTINGS=json.dumps(settings)))
+    except RuntimeError as error:
+        if "port must be between 1 and 65535" not in str(error):
+            raise
+        settings["port"] = support.free_port()
+        server = Process(name, command or [sys.executable, SERVER], settings["port"], log=log,
+                         env=dict(os.environ, BOX_UPDATE_SERVER_SETTINGS=json.dumps(settings)))
+    port = server.port
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:   # wait for the background checks, so they do not share the CPU
         info = json.loads(get(port, "/")[1]).get("info", "")
@@ -390,20 +409,22 @@ def head_server(workdir, rev):
     return path, None
 
 
+# The peers below are told their port on their command line or in their config: picked beforehand.
+
 def start_http_server(root, log=None, path_of=None):
-    port = free_port()
+    port = support.free_port()
     return Process(HTTP_SERVER, [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
                                  "--directory", root], port, log=log, path_of=path_of)
 
 
 def start_ceiling(log=None):
-    port = free_port()
+    port = support.free_port()
     return Process("ceiling (minimal http.server handler)", [sys.executable, CEILING, str(port)], port, log=log,
                    path_of=lambda route: "/")
 
 
 def start_sendfile_stub(path, log=None):
-    port = free_port()
+    port = support.free_port()
     return Process("sendfile stub (minimal http.server handler)", [sys.executable, SENDFILE, str(port), path],
                    port, log=log)
 
@@ -420,7 +441,7 @@ def find_nginx():
 
 
 def start_nginx(nginx, root, workdir, path_of=None):
-    port = free_port()
+    port = support.free_port()
     conf = os.path.join(workdir, "nginx.conf")
     with open(conf, "w") as out:
         out.write(NGINX_CONF.format(tmp=workdir, port=port, root=root))
@@ -1066,7 +1087,7 @@ def measure_signatures(report, workdir, archive, options):
         keygen_run(["-q", "-N", "", "-C", "bench", "-f", key] + arguments)
         with open(key + ".pub") as public:
             signers[name] = server.parse_allowed_signers("bench@example.com %s\n"
-                                                         % " ".join(public.read().split()[:2]))
+                                                         % " ".join(public.read().split()[:2])).signers
         with open(os.path.join(folder, "message")) as stdin:
             armored = keygen_run(["-Y", "sign", "-n", NAMESPACE, "-f", key], stdin)
         algorithm = server.parse_sshsig(armored).hash_algorithm

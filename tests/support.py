@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 import unittest
+import unittest.mock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SERVER = os.path.join(ROOT, "box_update_server.py")
@@ -31,6 +32,30 @@ import box_update_server as bus  # noqa: E402  (the path above first)
 # run, not once per CPython: BOX_UPDATE_TESTS=quick skips them, saying so.
 QUICK = os.environ.get("BOX_UPDATE_TESTS") == "quick"
 heavy = unittest.skipIf(QUICK, "heavy scenario, skipped in quick runs (BOX_UPDATE_TESTS=quick); CI runs it once")
+
+
+# At the default verbosity unittest prints a skip as "s" and counts it: the reasons are printed once at exit,
+# so a run on a machine without nginx, say, says what it did not test.
+_SKIPPED = {}
+_add_skip = unittest.TestResult.addSkip
+
+
+def _note_skip(result, test, reason):
+    _SKIPPED.setdefault(reason, []).append(test.id())
+    _add_skip(result, test, reason)
+
+
+def _print_skip_reasons():
+    if _SKIPPED:
+        lines = ["skipped %d test(s):" % sum(len(tests) for tests in _SKIPPED.values())]
+        for reason, tests in sorted(_SKIPPED.items()):
+            shown = ", ".join(test.rsplit(".", 2)[-2] + "." + test.rsplit(".", 1)[-1] for test in tests[:3])
+            lines.append("  %d: %s (%s%s)" % (len(tests), reason, shown, ", ..." if len(tests) > 3 else ""))
+        sys.stderr.write("\n".join(lines) + "\n")
+
+
+unittest.TestResult.addSkip = _note_skip
+atexit.register(_print_skip_reasons)
 
 
 # Archives -------------------------------------------------------------------
@@ -103,7 +128,34 @@ def publish(path, data, mtime=None):
 
 # Servers --------------------------------------------------------------------
 
+# The server's start line names the port it bound: settings may say "port": 0, so no test races another
+# process for a port picked beforehand.
+LISTENING = re.compile(r"listening on http://(?:\[[^\]]*\]|[^\s/:]*):(\d+)/")
+
+
+def listening_port(log_text):
+    """The port named by the server's start line ("listening on http://host:PORT/"), or None before it."""
+    match = LISTENING.search(log_text)
+    return int(match.group(1)) if match else None
+
+
+def wait_for_listening_port(process, read_log, timeout=30):
+    """The port from the start line once process has written it; AssertionError if it exits or takes too long.
+
+    read_log returns the process's log (its stderr) so far.  The caller stops the process on failure.
+    """
+    if not wait_until(lambda: listening_port(read_log()) is not None or process.poll() is not None, timeout):
+        raise AssertionError("no 'listening on' line within %s s:\n%s" % (timeout, read_log()))
+    port = listening_port(read_log())
+    if port is None:
+        raise AssertionError("exited with status %s before listening:\n%s" % (process.poll(), read_log()))
+    return port
+
+
 def free_port():
+    """A port free a moment ago, for a program that must be told its port before it starts (nginx's listen,
+    Prometheus's --web.listen-address): another process may take it meanwhile, so prefer "port": 0 and
+    listening_port for our server."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -146,58 +198,130 @@ def open_connections(port):
     return count
 
 
-class ServerProcess:
-    """The real server as a subprocess, its log in a file, on a free port."""
+def end_process(process, timeout=15):
+    """Stop a process a test started (SIGTERM, then SIGKILL after timeout) and reap it; its exit status."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
 
-    def __init__(self, updates_dir, user=None, command=None, **settings):
+
+# Every process a test started through track() or ServerProcess; any still running at exit is stopped, reaped
+# and named, so a test run leaves no process behind even when a test forgot one (.ci/run checks it too).
+_TRACKED = []
+
+
+def track(process):
+    """Have process (a subprocess.Popen) stopped and reaped at exit if no test did so; returns it."""
+    _TRACKED.append(process)
+    return process
+
+
+def _end_tracked():
+    left = [process for process in _TRACKED if process.poll() is None]
+    for process in left:
+        end_process(process, timeout=5)
+    if left:
+        sys.stderr.write("support: stopped %d process(es) a test left running: %s\n" % (
+            len(left), "; ".join(" ".join(map(str, process.args))[:120] for process in left)))
+
+
+atexit.register(_end_tracked)
+
+
+# Tests shorten the folder watcher's clocks instead of sleeping through them: class attributes, patched in
+# this process (shorten_watcher_timing) or, for a server subprocess, by a launcher that sets them before
+# main() runs (ServerProcess(timing=...)).  The product reads no test-only setting or environment variable.
+QUICK_TIMING = {"FolderWatcher.POLL_SECONDS": 0.1, "FolderWatcher.RACY_SECONDS": 0.5, "CheckQueue.SETTLE_SECONDS": 0.2}
+
+
+def shorten_watcher_timing(test, timing=None):
+    """Patch the watcher's timing constants (QUICK_TIMING by default) for the rest of test."""
+    for name, seconds in (QUICK_TIMING if timing is None else timing).items():
+        owner, attribute = name.split(".")
+        patcher = unittest.mock.patch.object(getattr(bus, owner), attribute, seconds)
+        patcher.start()
+        test.addCleanup(patcher.stop)
+
+
+def server_command(python, timing=None):
+    """The command that runs the server file with python; with timing, its constants set first."""
+    if not timing:
+        return [python, SERVER]
+    assignments = "".join("server.%s = %r; " % (name, seconds) for name, seconds in sorted(timing.items()))
+    launcher = ("import sys; sys.path.insert(0, %r); sys.argv[0] = %r; import box_update_server as server; %s"
+                "sys.exit(server.main())" % (ROOT, SERVER, assignments))
+    return [python, "-c", launcher]
+
+
+class ServerProcess:
+    """The real server as a subprocess, its log in a file, on a port it picks itself (port 0).
+
+    timing: {"FolderWatcher.RACY_SECONDS": 0.5, ...} runs the server with those constants (see QUICK_TIMING).
+    """
+
+    START_SECONDS = 30     # for the start line, on a busy machine
+
+    def __init__(self, updates_dir, user=None, command=None, timing=None, **settings):
         self.updates_dir = updates_dir
         self.user = user
         self.command = command
+        self.timing = timing
         self.settings = dict(settings)
         self.log_file = tempfile.NamedTemporaryFile(prefix="box-update-server-", suffix=".log", delete=False)
         self.process = None
         self.port = None
 
     def __enter__(self):
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            os.unlink(self.log_file.name)
+            raise
 
     def __exit__(self, *exc_info):
         self.stop()
-        os.unlink(self.log_file.name)
+        if os.path.exists(self.log_file.name):
+            os.unlink(self.log_file.name)
 
     def start(self, wait_for_checks=True):
-        for _ in range(5):
-            self.port = free_port()
-            settings = dict({"port": self.port, "updates_dir": self.updates_dir, "host": "127.0.0.1"},
-                            **self.settings)
-            env = dict(os.environ, BOX_UPDATE_SERVER_SETTINGS=json.dumps(settings))
-            self.log_file.truncate(0)
-            command = self.command or [python_executable(), SERVER]
-            if self.user is not None:    # the system Python, which any user can run
-                command = ["setpriv", "--reuid", self.user, "--regid", "nogroup", "--clear-groups",
-                           "/usr/bin/python3", SERVER]
-            self.process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
-                                            stderr=self.log_file)
-            if wait_until(lambda: "listening on" in self.log() or self.process.poll() is not None, 10):
-                if self.process.poll() is None:
-                    if wait_for_checks and not wait_until(
-                            lambda: "waiting to be checked" not in self.health().get("info", ""), 60):
-                        raise AssertionError("the server kept files waiting to be checked:\n" + self.log())
-                    wait_until(lambda: not open_connections(self.port), 10)   # probes' slots freed
-                    return self
-                if "already in use" not in self.log():
-                    break
-        raise AssertionError("server did not start:\n" + self.log())
+        """Start the server, wait for its start line (and its first checks); stopped and reaped if that fails."""
+        settings = dict({"port": 0, "updates_dir": self.updates_dir, "host": "127.0.0.1"}, **self.settings)
+        env = dict(os.environ, BOX_UPDATE_SERVER_SETTINGS=json.dumps(settings))
+        self.log_file.truncate(0)
+        command = self.command or server_command(python_executable(), self.timing)
+        if self.user is not None:    # the system Python, which any user can run
+            command = ["setpriv", "--reuid", self.user, "--regid", "nogroup", "--clear-groups"] + \
+                server_command("/usr/bin/python3", self.timing)
+        self.process = track(subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                              stderr=self.log_file))
+        try:
+            try:
+                self.port = wait_for_listening_port(self.process, self.log, self.START_SECONDS)
+            except AssertionError as error:
+                raise AssertionError("server did not start: %s" % error) from None
+            if wait_for_checks and not wait_until(
+                    lambda: "waiting to be checked" not in self.health().get("info", ""), 60):
+                raise AssertionError("the server kept files waiting to be checked:\n" + self.log())
+            wait_until(lambda: not open_connections(self.port), 10)   # probes' slots freed
+        except BaseException:
+            end_process(self.process)
+            raise
+        return self
 
     def stop(self, signum=signal.SIGTERM, timeout=15):
-        """Send signum, wait for the exit, return the exit status."""
+        """Send signum, wait for the exit (killed after timeout: AssertionError), return the exit status."""
         if self.process is None or self.process.poll() is not None:
             return self.process.returncode if self.process else None
         self.process.send_signal(signum)
         return self.wait(timeout)
 
     def wait(self, timeout=15):
-        """Wait for the process to exit by itself; return its exit status."""
+        """Wait for the process to exit by itself; return its exit status (killed and reaped after timeout)."""
         try:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -478,7 +602,10 @@ class SlowDownload(threading.Thread):
                     self.resume.wait(60)
                 parts, total, started = [body], len(body), time.monotonic()
                 while total < self.content_length:
-                    chunk = connection.recv(16384)
+                    try:
+                        chunk = connection.recv(16384)
+                    except ConnectionResetError:    # a cut download is reset
+                        chunk = b""
                     if not chunk:
                         self.closed_early = True
                         break
@@ -526,7 +653,8 @@ class InProcessServer:
     Its log lines (access lines included) are collected in .log; the logger is restored afterwards.
     """
 
-    def __init__(self, test, updates_dir, handler=bus.ConnectionHandler, routes=bus.UpdateRoutes, **settings):
+    def __init__(self, test, updates_dir, handler=bus.ConnectionHandler, routes=bus.UpdateRoutes, wait_for_checks=True,
+                 **settings):
         settings = bus.Settings(port=1, updates_dir=updates_dir, host="127.0.0.1")._replace(port=0, **settings)
         self.log = []
         log_handler = logging.Handler()
@@ -543,7 +671,7 @@ class InProcessServer:
         test.addCleanup(self.server.server_close)
         test.addCleanup(self.server.shutdown)
         self.port = self.server.server_address[1]
-        if not wait_until(lambda: self.catalog.snapshot.waiting == 0, 60):
+        if wait_for_checks and not wait_until(lambda: self.catalog.snapshot.waiting == 0, 60):
             raise AssertionError("the catalog kept files waiting to be checked")
 
     def get(self, path, headers=None):

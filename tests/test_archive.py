@@ -2,12 +2,15 @@
 
 import base64
 import bz2
+import errno
 import hashlib
 import io
 import os
+import re
 import shutil
 import subprocess
 import tarfile
+import threading
 import tracemalloc
 import unittest
 
@@ -285,6 +288,24 @@ class CheckCommandTest(TempDirTestCase):
         with open(path, "rb") as archive:
             self.assertIn("OK        %s  %s" % (hashlib.sha256(archive.read()).hexdigest(), path), output)
 
+    def test_the_readme_build_command_makes_an_archive_that_passes(self):
+        tar = require_binary("tar")
+        with open(os.path.join(ROOT, "README.md")) as readme:
+            command = re.search(r"^tar -C build -cjf .*$", readme.read(), re.M).group(0)
+        version = re.search(r"opq-box-update-(\d+)\.tar\.bz2", command).group(1)
+        top = os.path.join(self.tmp, "build", "opq-box-update-%s" % version)
+        os.makedirs(os.path.join(top, "box-config-daemon"))
+        for name, data, mode in [("VERSION", version + "\n", 0o644), ("install_update.sh", "#!/bin/sh\n", 0o755),
+                                 ("box-config-daemon/daemon.py", "print('running')\n", 0o644)]:
+            with open(os.path.join(top, name), "w") as out:
+                out.write(data)
+            os.chmod(os.path.join(top, name), mode)
+        subprocess.run(["bash", "-c", command.replace("tar ", "exec %s " % tar, 1)], cwd=self.tmp, check=True,
+                       timeout=30)
+        status, output = self.run_check(os.path.join(self.tmp, "opq-box-update-%s.tar.bz2" % version))
+        self.assertEqual(status, 0, output)
+        self.assertTrue(output.startswith("OK "), output)
+
     def test_any_bad_archive_fails_the_command(self):
         good = make_update(self.tmp, 1700000000)
         bad = make_update(self.tmp, 1700000001, update_members(1700000001, version_content="5"))
@@ -383,18 +404,61 @@ class VerifiedPublicationTest(TempDirTestCase):
         self.assertEqual(finished.returncode, 0, finished.stdout)
         self.assertIn(b"update.tar.bz2: OK", finished.stdout)
 
-    def test_verification_off_offers_every_named_file_at_once(self):
+    def test_verification_off_offers_every_named_file_once_settled_without_waiting_for_its_hash(self):
         big = os.path.join(self.updates, "opq-box-update-1700000008.tar.bz2")
         with open(big, "wb") as sparse:
             sparse.truncate(2 << 30)           # hashing 2 GB takes seconds; offering it must not wait for that
         publish(os.path.join(self.updates, "opq-box-update-1700000009.tar.bz2"), b"not even bzip2")
         server = self.start_server(verify_updates=False, wait_for_checks=False)
-        self.assertEqual(server.get("/version").body, b"1700000009")
+        self.assertTrue(wait_until(lambda: server.get("/version").body == b"1700000009", 5), server.log())
         self.assertEqual(server.get("/update/opq-box-update-1700000009.tar.bz2").body, b"not even bzip2")
         self.assertEqual(server.request("HEAD", "/update/" + os.path.basename(big)).header("Content-Length"),
                          str(2 << 30))
         self.assertEqual(server.get("/update/%s.sha256" % os.path.basename(big)).status, 503, "hashed already?")
         self.assertIn("waiting to be checked", server.health()["info"])
+
+
+class OpenRegularTest(TempDirTestCase):
+    """open_regular, on its own: the catalog's check and every download open files through it."""
+
+    def attempt(self, path):
+        """What open_regular did with path, from a thread: a hang (no O_NONBLOCK) fails instead of stalling."""
+        outcome = []
+
+        def opening():
+            try:
+                descriptor, status = bus.open_regular(path)
+                os.close(descriptor)
+                outcome.append("regular, %d bytes" % status.st_size)
+            except OSError as error:
+                outcome.append(error.strerror)
+        worker = threading.Thread(target=opening, daemon=True)
+        worker.start()
+        worker.join(10)
+        return outcome[0] if outcome else "still waiting after 10 s"
+
+    def test_only_a_regular_file_is_opened_and_nothing_is_waited_on(self):
+        regular = os.path.join(self.tmp, "regular")
+        with open(regular, "wb") as out:
+            out.write(b"1234")
+        fifo, link, folder = (os.path.join(self.tmp, name) for name in ("fifo", "link", "folder"))
+        os.mkfifo(fifo)
+        self.addCleanup(self.release_fifo, fifo)
+        os.symlink(regular, link)
+        os.mkdir(folder)
+        cases = [(regular, "regular, 4 bytes"), (fifo, "not a regular file"), (folder, "not a regular file"),
+                 ("/dev/null", "not a regular file"), (link, os.strerror(errno.ELOOP))]
+        for path, expected in cases:
+            with self.subTest(path=path):
+                self.assertEqual(self.attempt(path), expected)
+
+    @staticmethod
+    def release_fifo(fifo):
+        """A thread stuck opening the FIFO (the check mutated away) is let go by a writer."""
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
 
 
 if __name__ == "__main__":

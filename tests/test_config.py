@@ -3,14 +3,17 @@
 import ipaddress
 import json
 import os
+import re
 import shutil
 import socket
 import stat
 import subprocess
+import tempfile
+import time
 import unittest
 
-from support import (ROOT, SERVER, ServerProcess, TempDirTestCase, free_port, python_executable, record, request,
-                     wait_until)
+from support import (ROOT, SERVER, ServerProcess, TempDirTestCase, end_process, make_update, python_executable, record,
+                     request, track, wait_for_listening_port, wait_until)
 
 import box_update_server as bus
 
@@ -63,6 +66,43 @@ class ParseSettingsTest(unittest.TestCase):
         settings, _ = bus.parse_settings('{"port": 80, "updates_dir": "/u", "max_connections": 2}')
         self.assertEqual(settings.max_connections_per_client, 1)
 
+    def test_port_0_lets_the_system_pick_one(self):
+        settings, _ = bus.parse_settings('{"port": 0, "updates_dir": "/u"}')
+        self.assertEqual(settings.port, 0)
+
+    def test_a_missing_key_names_the_keys_that_were_not_understood(self):
+        cases = [
+            ('{"port": 80, "update_dir": "/u"}', "has no 'updates_dir' (unknown: 'update_dir')"),
+            ('{"prot": 80, "updates_dir": "/u", "colour": 1}', "has no 'port' (unknown: 'colour', 'prot')"),
+            ('{"port": 80}', "has no 'updates_dir'"),
+        ]
+        for text, expected in cases:
+            with self.subTest(text=text):
+                with self.assertRaises(bus.SettingsError) as caught:
+                    bus.parse_settings(text)
+                self.assertTrue(str(caught.exception).endswith(expected), str(caught.exception))
+
+    def test_a_path_instead_of_json_says_so(self):
+        cases = [
+            ("config/box-update-server.config.json", True),
+            (" /etc/box-update-server.json\n", True),
+            ("settings.json", True),
+            ("{port: 1}", False),
+            ("not json", False),
+            ("8151/updates", True),
+            ('{"port": 80, "updates_dir": "/u"', False),
+        ]
+        for text, is_path in cases:
+            with self.subTest(text=text):
+                with self.assertRaises(bus.SettingsError) as caught:
+                    bus.parse_settings(text)
+                if is_path:
+                    self.assertIn("BOX_UPDATE_SERVER_SETTINGS holds a path, %r, not JSON: it must hold the JSON "
+                                  "itself, e.g. BOX_UPDATE_SERVER_SETTINGS=$(<%s)" % (text.strip(), text.strip()),
+                                  str(caught.exception))
+                else:
+                    self.assertIn("is not valid JSON", str(caught.exception))
+
     def test_unknown_key_is_a_warning_not_an_error(self):
         settings, warnings = bus.parse_settings('{"port": 80, "updates_dir": "/u", "colour": "blue"}')
         self.assertEqual(settings.port, 80)
@@ -80,8 +120,8 @@ class ParseSettingsTest(unittest.TestCase):
             ('{"port": "eighty", "updates_dir": "/u"}', "port must be an integer"),
             ('{"port": 80.5, "updates_dir": "/u"}', "port must be an integer"),
             ('{"port": true, "updates_dir": "/u"}', "port must be an integer"),
-            ('{"port": 0, "updates_dir": "/u"}', "between 1 and 65535"),
-            ('{"port": 65536, "updates_dir": "/u"}', "between 1 and 65535"),
+            ('{"port": -1, "updates_dir": "/u"}', "between 0 and 65535"),
+            ('{"port": 65536, "updates_dir": "/u"}', "between 0 and 65535"),
             ('{"port": 80, "updates_dir": ""}', "updates_dir must be"),
             ('{"port": 80, "updates_dir": 7}', "updates_dir must be"),
             ('{"port": 80, "updates_dir": "/u", "idle_timeout": 0}', "idle_timeout"),
@@ -133,7 +173,7 @@ class BadConfigurationTest(TempDirTestCase):
     def test_each_bad_configuration_is_one_line_and_exit_1(self):
         a_file = os.path.join(self.tmp, "a-file")
         open(a_file, "w").close()
-        port = free_port()
+        port = 0     # refused before it binds
         table = [
             (None, "BOX_UPDATE_SERVER_SETTINGS is not set"),
             ("", "BOX_UPDATE_SERVER_SETTINGS is not set"),
@@ -142,8 +182,10 @@ class BadConfigurationTest(TempDirTestCase):
             (json.dumps({"updates_dir": self.updates}), "has no 'port'"),
             (json.dumps({"port": port}), "has no 'updates_dir'"),
             (json.dumps({"port": "http", "updates_dir": self.updates}), "port must be an integer"),
-            (json.dumps({"port": 70000, "updates_dir": self.updates}), "between 1 and 65535"),
-            (json.dumps({"port": -1, "updates_dir": self.updates}), "between 1 and 65535"),
+            (json.dumps({"port": 70000, "updates_dir": self.updates}), "between 0 and 65535"),
+            (json.dumps({"port": -1, "updates_dir": self.updates}), "between 0 and 65535"),
+            (json.dumps({"port": 0, "update_dir": self.updates}), "has no 'updates_dir' (unknown: 'update_dir')"),
+            ("config/box-update-server.config.json", "holds a path, 'config/box-update-server.config.json', not JSON"),
             (json.dumps({"port": port, "updates_dir": os.path.join(self.tmp, "missing")}), "is missing"),
             (json.dumps({"port": port, "updates_dir": a_file}), "is not a folder"),
         ]
@@ -164,7 +206,8 @@ class BadConfigurationTest(TempDirTestCase):
         for settings_text, expected in table[-3:]:
             with self.subTest(settings=settings_text):
                 self.assert_refused(settings_text, expected)
-        record("Configuration faults", "%d bad configurations (unset, empty, not JSON, not an object, keys missing, "
+        record("Configuration faults", "%d bad configurations (unset, empty, not JSON, a file name instead of JSON, "
+               "not an object, keys missing or misspelt, "
                "bad ports, updates folder missing or not a folder, allowed_signers missing or malformed, a proxy "
                "named by host name), plus port in use and an unreadable folder in their own tests" % len(table),
                "each: exit status 1 and one line naming the problem, no traceback")
@@ -180,7 +223,7 @@ class BadConfigurationTest(TempDirTestCase):
     def test_unreadable_updates_dir(self):
         os.chmod(self.updates, 0)
         self.addCleanup(os.chmod, self.updates, stat.S_IRWXU)
-        settings = json.dumps({"port": free_port(), "updates_dir": self.updates})
+        settings = json.dumps({"port": 0, "updates_dir": self.updates})
         if os.geteuid() != 0:
             self.assert_refused(settings, "cannot be read")
             return
@@ -200,6 +243,46 @@ class BadConfigurationTest(TempDirTestCase):
             self.assertIn("unknown setting 'colour' is ignored", server.log())
 
 
+class CommandLineTest(TempDirTestCase):
+    """--version, and health naming what it could not reach."""
+
+    def run_command(self, arguments, settings=None):
+        env = dict(os.environ)
+        env.pop(bus.SETTINGS_VARIABLE, None)
+        if settings is not None:
+            env[bus.SETTINGS_VARIABLE] = json.dumps(settings)
+        finished = subprocess.run([python_executable(), SERVER] + arguments, env=env, cwd=ROOT, timeout=30,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        return finished.returncode, finished.stdout.decode(), finished.stderr.decode()
+
+    def test_version(self):
+        self.assertEqual(self.run_command(["--version"]), (0, "box_update_server.py %s\n" % bus.__version__, ""))
+
+    def test_health_names_the_address_it_could_not_reach(self):
+        with socket.socket() as holder:    # bound, not listening: a connection is refused
+            holder.bind(("127.0.0.1", 0))
+            port = holder.getsockname()[1]
+            for host, shown in [("127.0.0.1", "127.0.0.1"), ("", "127.0.0.1"), ("0.0.0.0", "127.0.0.1")]:
+                with self.subTest(host=host):
+                    status, output, _ = self.run_command(["health"], {"port": port, "updates_dir": self.updates,
+                                                                      "host": host})
+                    self.assertEqual(status, 1)
+                    self.assertRegex(output, r"^unhealthy: http://%s:%d/: .*refused" % (re.escape(shown), port))
+
+    def test_health_of_a_running_server(self):
+        make_update(self.updates, 1700000000, mtime=time.time() - 60)
+        server = self.start_server()
+        status, output, _ = self.run_command(["health"], {"port": server.port, "updates_dir": self.updates,
+                                                          "host": "127.0.0.1"})
+        self.assertEqual((status, output.split(" ", 1)[0]), (0, "healthy:"), output)
+
+    def test_health_refuses_port_0(self):
+        status, output, errors = self.run_command(["health"], {"port": 0, "updates_dir": self.updates})
+        self.assertEqual((status, output), (1, ""))
+        self.assertEqual(errors, "box_update_server: error: health needs the port the server listens on: port 0 "
+                                 "lets it pick one at start\n")
+
+
 class ReadmeRunCommandTest(unittest.TestCase):
     """The README's run command, word for word, on the shipped configuration and example updates."""
 
@@ -210,24 +293,33 @@ class ReadmeRunCommandTest(unittest.TestCase):
             self.assertIn(self.RUN_COMMAND, readme.read())
 
     def test_run_command_serves_the_examples(self):
+        """Word for word, in a copy of the checkout whose config differs only in "port": 0 (8151 may be taken)."""
         with open(os.path.join(ROOT, "config", "box-update-server.config.json")) as config:
             settings = json.load(config)
-        try:
-            with socket.socket() as probe:
-                probe.bind(("", settings["port"]))
-        except OSError:
-            self.skipTest("port %d is taken on this machine" % settings["port"])
+        self.assertEqual(settings.get("host"), "127.0.0.1", "the try-it command listens on loopback only")
+        checkout = tempfile.mkdtemp(prefix="box-update-test-")
+        self.addCleanup(shutil.rmtree, checkout, True)
+        os.mkdir(os.path.join(checkout, "config"))
+        with open(os.path.join(checkout, "config", "box-update-server.config.json"), "w") as config:
+            json.dump(dict(settings, port=0), config)
+        os.symlink(os.path.join(ROOT, "examples"), os.path.join(checkout, "examples"))
+        os.symlink(SERVER, os.path.join(checkout, "box_update_server.py"))
         examples = sorted(os.listdir(os.path.join(ROOT, settings["updates_dir"])))
         self.assertGreaterEqual(len(examples), 2)
         command = self.RUN_COMMAND.replace(" python3 ", " exec %s " % python_executable())
-        process = subprocess.Popen(["bash", "-c", command],
-                                   cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            self.assertTrue(wait_until(lambda: request(settings["port"], "GET", "/version").status == 200, 15))
-            self.assertEqual(request(settings["port"], "GET", "/ls").body.decode().split("\n"), examples)
-            self.assertEqual(request(settings["port"], "GET", "/version").body.decode(),
-                             examples[-1][len("opq-box-update-"):-len(".tar.bz2")])
-        finally:
-            process.terminate()
-            self.assertEqual(process.wait(15), 0)
-            process.stderr.close()
+        log_path = os.path.join(checkout, "stderr")
+        with open(log_path, "wb") as log:
+            process = track(subprocess.Popen(["bash", "-c", command], cwd=checkout, stdout=subprocess.DEVNULL,
+                                             stderr=log))
+        self.addCleanup(end_process, process)
+
+        def read_log():
+            with open(log_path, errors="replace") as log:
+                return log.read()
+        port = wait_for_listening_port(process, read_log)
+        self.assertIn("listening on http://127.0.0.1:%d/" % port, read_log())
+        self.assertTrue(wait_until(lambda: request(port, "GET", "/version").status == 200, 15))
+        self.assertEqual(request(port, "GET", "/ls").body.decode().split("\n"), examples)
+        self.assertEqual(request(port, "GET", "/version").body.decode(),
+                         examples[-1][len("opq-box-update-"):-len(".tar.bz2")])
+        self.assertEqual(end_process(process), 0, read_log())

@@ -5,11 +5,11 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import unittest
 
-from support import ROOT, SERVER, TempDirTestCase, make_update, python_executable, request, wait_until
+from support import (ROOT, SERVER, TempDirTestCase, end_process, make_update, python_executable, request, track,
+                     wait_for_listening_port, wait_until)
 
 
 def dockerfile_instructions():
@@ -81,12 +81,8 @@ class ImageCommandLineTest(TempDirTestCase):
 
     def setUp(self):
         super().setUp()
-        self.settings, self.mount, self.port = compose_example()
-        try:
-            with socket.socket() as probe:
-                probe.bind(("", self.port))
-        except OSError:
-            self.skipTest("port %d is taken on this machine" % self.port)
+        self.settings, self.mount, _ = compose_example()
+        self.settings["port"] = 0    # the compose port may be taken here: the server picks one, named in its log
         # the image's WORKDIR holds only the server file; the volume is the updates folder, read-only
         self.workdir = os.path.join(self.tmp, "box-update-server")
         os.mkdir(self.workdir)
@@ -119,9 +115,18 @@ class ImageCommandLineTest(TempDirTestCase):
         return finished.returncode, finished.stdout.decode()
 
     def test_entrypoint_serves_and_the_healthcheck_follows_the_health_answer(self):
-        process = subprocess.Popen(self.command(), cwd=self.workdir, env=self.environment(),
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        log_path = os.path.join(self.tmp, "stderr")
+        with open(log_path, "wb") as log:
+            process = track(subprocess.Popen(self.command(), cwd=self.workdir, env=self.environment(),
+                                             stdout=subprocess.DEVNULL, stderr=log))
+        self.addCleanup(end_process, process)
+
+        def read_log():
+            with open(log_path, errors="replace") as log:
+                return log.read()
         try:
+            self.port = self.settings["port"] = wait_for_listening_port(process, read_log)
+            self.assertIn("listening on http://0.0.0.0:%d/" % self.port, read_log(), "every interface, as -p needs")
             self.assertTrue(wait_until(lambda: request(self.port, "GET", "/version").status == 200, 15),
                             "the server did not start: %s" % " ".join(self.command()))
             self.assertTrue(json.loads(request(self.port, "GET", "/").body)["ok"])
@@ -135,7 +140,6 @@ class ImageCommandLineTest(TempDirTestCase):
         finally:
             process.send_signal(signal.SIGTERM)     # what docker stop sends
             self.assertEqual(process.wait(15), 0)
-            process.stderr.close()
         self.assertEqual(self.healthcheck()[0], 1, "no server: unhealthy")
 
 

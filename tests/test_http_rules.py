@@ -4,6 +4,7 @@ import base64
 import email.utils
 import hashlib
 import ipaddress
+import time
 import unittest
 
 import support
@@ -336,14 +337,17 @@ class ClientAddressTest(unittest.TestCase):
     """RFC 7239 §4-§6 and X-Forwarded-For: who sent a request, believed only from trusted proxies."""
 
     TRUSTED = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8"))
+    XFF, FORWARDED = "X-Forwarded-For", "Forwarded"
 
     def test_parse_address(self):
         cases = {"192.0.2.1": ipaddress.IPv4Address("192.0.2.1"), " 192.0.2.1 ": ipaddress.IPv4Address("192.0.2.1"),
                  "2001:db8::1": ipaddress.IPv6Address("2001:db8::1"), "::1": ipaddress.IPv6Address("::1"),
                  "::ffff:10.0.0.1": ipaddress.IPv4Address("10.0.0.1"),
                  "::ffff:a00:1": ipaddress.IPv4Address("10.0.0.1"),
+                 "fe80::1%eth0": ipaddress.IPv6Address("fe80::1"),                 # a socket's zone is dropped
                  "garbage": None, "": None, "unknown": None, "10.0.0.1:80": None, "[2001:db8::1]": None,
-                 "999.0.0.1": None, "_hidden": None}
+                 "999.0.0.1": None, "_hidden": None,
+                 "010.0.0.1": None, "10.0.0.01": None, "::ffff:10.0.0.01": None}  # octal to some parsers
         for text, expected in cases.items():
             with self.subTest(text=text):
                 self.assertEqual(bus.parse_address(text), expected)
@@ -357,56 +361,119 @@ class ClientAddressTest(unittest.TestCase):
         self.assertFalse(bus.in_networks(None, self.TRUSTED))
         self.assertFalse(bus.in_networks(ipaddress.ip_address("10.0.0.1"), ()))
 
+    def test_client_group_is_an_ipv6_prefix(self):
+        cases = [("192.0.2.7", 64, "192.0.2.7"), ("2001:db8:1:2:aaaa::1", 64, "2001:db8:1:2::/64"),
+                 ("2001:db8:1:2:ffff:ffff:ffff:ffff", 64, "2001:db8:1:2::/64"),
+                 ("2001:db8:1:2:aaaa::1", 56, "2001:db8:1::/56"), ("2001:db8::1", 128, "2001:db8::1/128"),
+                 ("::ffff:192.0.2.7", 64, "192.0.2.7")]
+        for text, prefix, expected in cases:
+            with self.subTest(text=text, prefix=prefix):
+                self.assertEqual(bus.client_group(bus.parse_address(text), prefix), expected)
+
+    def test_node_address(self):
+        """RFC 7239 §6 nodes, and what nginx writes: an address with a port is that address; anything else is None."""
+        v4, v6 = ipaddress.IPv4Address("203.0.113.7"), ipaddress.IPv6Address("2001:db8::1")
+        cases = {"203.0.113.7": v4, "203.0.113.7:51234": v4, "203.0.113.7:_obf": v4, "[2001:db8::1]:443": v6,
+                 "[2001:db8::1]": v6, "2001:db8::1": v6, "[2001:db8::1]:_x.y-z": v6, "::ffff:203.0.113.7": v4,
+                 "[::ffff:203.0.113.7]:80": v4,
+                 "unknown": None, "_hidden": None, "_SEVKISEK": None, "": None, "[203.0.113.7]": None,
+                 "203.0.113.7:": None, "203.0.113.7:123456": None, "[2001:db8::1]:": None, "2001:db8::1]:443": None,
+                 '"203.0.113.7"': None, "203.0.113.7:80:80": None, "host.example": None, "0203.0.113.7": None}
+        for text, expected in cases.items():
+            with self.subTest(text=text):
+                self.assertEqual(bus.node_address(text), expected)
+
     def test_forwarded_for(self):
-        cases = [({}, []),
-                 ({"x-forwarded-for": "203.0.113.7"}, ["203.0.113.7"]),
-                 ({"x-forwarded-for": "203.0.113.7, 10.0.0.2 ,10.0.0.3"}, ["203.0.113.7", "10.0.0.2", "10.0.0.3"]),
-                 ({"forwarded": "for=192.0.2.60;proto=http;by=203.0.113.43"}, ["192.0.2.60"]),
-                 ({"forwarded": "proto=https;For=192.0.2.60"}, ["192.0.2.60"]),
-                 ({"forwarded": 'for="192.0.2.60:8080"'}, ["192.0.2.60"]),
-                 ({"forwarded": 'for="[2001:db8:cafe::17]:4711"'}, ["2001:db8:cafe::17"]),
-                 ({"forwarded": 'for="[2001:db8:cafe::17]"'}, ["2001:db8:cafe::17"]),
-                 ({"forwarded": 'for="_gazonk"'}, ["_gazonk"]),
-                 ({"forwarded": "for=192.0.2.43, for=198.51.100.17"}, ["192.0.2.43", "198.51.100.17"]),
-                 ({"forwarded": 'for=192.0.2.43, for="[2001:db8:cafe::17]:4711";proto=https'},
-                  ["192.0.2.43", "2001:db8:cafe::17"]),
-                 ({"forwarded": "by=10.0.0.1;proto=https"}, []),
-                 ({"x-forwarded-for": "198.51.100.1", "forwarded": "for=192.0.2.60"}, ["198.51.100.1"])]
-        for headers, expected in cases:
-            with self.subTest(headers=headers):
-                self.assertEqual(bus.forwarded_for(headers), expected)
+        cases = [({}, self.XFF, []),
+                 ({"x-forwarded-for": "203.0.113.7"}, self.XFF, ["203.0.113.7"]),
+                 ({"x-forwarded-for": "203.0.113.7, 10.0.0.2 ,10.0.0.3"}, self.XFF,
+                  ["203.0.113.7", "10.0.0.2", "10.0.0.3"]),
+                 ({"x-forwarded-for": " , 203.0.113.7,,"}, self.XFF, ["203.0.113.7"]),   # RFC 9110 §5.6.1.2
+                 ({"x-forwarded-for": "[2001:db8::1]:443, unknown"}, self.XFF, ["[2001:db8::1]:443", "unknown"]),
+                 ({"forwarded": "for=192.0.2.60;proto=http;by=203.0.113.43"}, self.FORWARDED, ["192.0.2.60"]),
+                 ({"forwarded": "proto=https;For=192.0.2.60"}, self.FORWARDED, ["192.0.2.60"]),
+                 ({"forwarded": 'for="192.0.2.60:8080"'}, self.FORWARDED, ["192.0.2.60:8080"]),
+                 ({"forwarded": 'for="[2001:db8:cafe::17]:4711"'}, self.FORWARDED, ["[2001:db8:cafe::17]:4711"]),
+                 ({"forwarded": 'for="_gazonk"'}, self.FORWARDED, ["_gazonk"]),
+                 ({"forwarded": "for=192.0.2.43, for=198.51.100.17"}, self.FORWARDED, ["192.0.2.43", "198.51.100.17"]),
+                 ({"forwarded": 'for=192.0.2.43,for="[2001:db8:cafe::17]:4711";proto=https'}, self.FORWARDED,
+                  ["192.0.2.43", "[2001:db8:cafe::17]:4711"]),
+                 ({"forwarded": "for=192.0.2.43 ; proto=http , for=198.51.100.17"}, self.FORWARDED,
+                  ["192.0.2.43", "198.51.100.17"]),
+                 ({"forwarded": "for=2001:db8::1"}, self.FORWARDED, ["2001:db8::1"]),    # nginx "for=$remote_addr"
+                 ({"forwarded": 'for="a,b;c", for=192.0.2.43'}, self.FORWARDED, ["a,b;c", "192.0.2.43"]),
+                 ({"forwarded": r'for="\"x\\"'}, self.FORWARDED, ['"x\\']),                  # quoted-pair
+                 ({"forwarded": ", ,for=192.0.2.43,"}, self.FORWARDED, ["192.0.2.43"]),
+                 # every element is a hop: one that names no one, or that cannot be read, is "" (no address)
+                 ({"forwarded": "by=10.0.0.1;proto=https"}, self.FORWARDED, [""]),
+                 ({"forwarded": "for=192.0.2.43;for=192.0.2.44"}, self.FORWARDED, [""]),
+                 ({"forwarded": 'for=192.0.2.43, for="198.51.100.17'}, self.FORWARDED, ["192.0.2.43", ""]),
+                 ({"forwarded": 'for="x, for=192.0.2.43'}, self.FORWARDED, [""]),   # a quote swallows the comma
+                 ({"forwarded": "for = 192.0.2.43"}, self.FORWARDED, [""]),
+                 ({"forwarded": "garbage, for=192.0.2.43"}, self.FORWARDED, [""]),    # past it nothing is sure
+                 # only the header named is read, never whichever is present
+                 ({"x-forwarded-for": "198.51.100.1", "forwarded": "for=192.0.2.60"}, self.XFF, ["198.51.100.1"]),
+                 ({"x-forwarded-for": "198.51.100.1", "forwarded": "for=192.0.2.60"}, self.FORWARDED, ["192.0.2.60"]),
+                 ({"x-forwarded-for": "198.51.100.1"}, self.FORWARDED, []),
+                 ({"forwarded": "for=192.0.2.60"}, self.XFF, [])]
+        for headers, header, expected in cases:
+            with self.subTest(headers=headers, header=header):
+                self.assertEqual(bus.forwarded_for(headers, header), expected)
+
+    def test_forwarded_is_read_in_linear_time(self):
+        """Header values reach 32 KB: no pattern may backtrack over spaces (' ' * 30000 took 9 s once)."""
+        for value in [" " * 30000 + '"', " ;" * 15000 + '"', "a=b" + " " * 30000 + '"', "for=1;" * 5000 + " x",
+                      ", " * 15000 + '"', 'for="' + "\\a" * 10000, "for=1," * 5000]:
+            with self.subTest(value=value[:12]):
+                started = time.monotonic()
+                bus.forwarded_for({"forwarded": value}, self.FORWARDED)
+                self.assertLess(time.monotonic() - started, 0.5)
 
     def test_without_trusted_proxies_the_peer_is_the_client(self):
         spoofs = [{}, {"x-forwarded-for": "198.51.100.1"}, {"forwarded": "for=198.51.100.1"},
-                  {"x-forwarded-for": "10.0.0.5, 198.51.100.1"}]
+                  {"x-forwarded-for": "10.0.0.5, 198.51.100.1"}, {"x-forwarded-for": "unknown"}]
         for peer, trusted in [("203.0.113.9", ()), ("203.0.113.9", self.TRUSTED), ("10.0.0.1", ()),
                               ("2001:db8::9", self.TRUSTED)]:
             for headers in spoofs:
-                with self.subTest(peer=peer, trusted=trusted, headers=headers):
-                    self.assertEqual(bus.client_behind_proxies(peer, headers, trusted), peer)
+                for header in (self.XFF, self.FORWARDED):
+                    with self.subTest(peer=peer, trusted=trusted, headers=headers, header=header):
+                        self.assertEqual(bus.client_behind_proxies(peer, headers, trusted, header), peer)
 
     def test_behind_trusted_proxies(self):
-        cases = [("10.0.0.1", {}, "10.0.0.1"),
-                 ("10.0.0.1", {"x-forwarded-for": "198.51.100.1"}, "198.51.100.1"),
-                 ("10.0.0.1", {"x-forwarded-for": "198.51.100.1, 203.0.113.5"}, "203.0.113.5"),  # left one is a claim
-                 ("10.0.0.1", {"x-forwarded-for": "198.51.100.1, 203.0.113.5, 10.0.0.7"}, "203.0.113.5"),
-                 ("10.0.0.1", {"x-forwarded-for": "198.51.100.1, 10.0.0.8, 10.0.0.7"}, "198.51.100.1"),
-                 ("10.0.0.1", {"x-forwarded-for": "10.0.0.9, 10.0.0.8"}, "10.0.0.9"),             # all trusted
-                 ("10.0.0.1", {"x-forwarded-for": "198.51.100.1, garbage, 10.0.0.7"}, "10.0.0.7"),
-                 ("10.0.0.1", {"x-forwarded-for": "198.51.100.1, garbage"}, "10.0.0.1"),
-                 ("10.0.0.1", {"x-forwarded-for": "198.51.100.1, unknown, 10.0.0.7"}, "10.0.0.7"),
-                 ("10.0.0.1", {"x-forwarded-for": ""}, "10.0.0.1"),
-                 ("10.0.0.1", {"x-forwarded-for": "::ffff:198.51.100.1"}, "198.51.100.1"),
-                 ("::ffff:10.0.0.1", {"x-forwarded-for": "198.51.100.1"}, "198.51.100.1"),       # mapped peer
-                 ("::ffff:10.0.0.1", {}, "10.0.0.1"),
-                 ("fd00::1", {"x-forwarded-for": "2001:db8::5"}, "2001:db8::5"),
-                 ("10.0.0.1", {"forwarded": 'for="[2001:db8::1]:4711"'}, "2001:db8::1"),
-                 ("10.0.0.1", {"forwarded": 'for="198.51.100.1:8080", for=10.0.0.3'}, "198.51.100.1"),
-                 ("10.0.0.1", {"forwarded": "for=_hidden, for=10.0.0.3"}, "10.0.0.3"),
-                 ("10.0.0.1", {"x-forwarded-for": "198.51.100.1", "forwarded": "for=192.0.2.60"}, "198.51.100.1")]
-        for peer, headers, expected in cases:
-            with self.subTest(peer=peer, headers=headers):
-                self.assertEqual(bus.client_behind_proxies(peer, headers, self.TRUSTED), expected)
+        unknown = bus.UNKNOWN_CLIENT
+        cases = [("10.0.0.1", {}, self.XFF, "10.0.0.1"),                          # the proxy, forwarding no one
+                 ("10.0.0.1", {"x-forwarded-for": "198.51.100.1"}, self.XFF, "198.51.100.1"),
+                 ("10.0.0.1", {"x-forwarded-for": "198.51.100.1, 203.0.113.5"}, self.XFF, "203.0.113.5"),  # a claim
+                 ("10.0.0.1", {"x-forwarded-for": "198.51.100.1, 203.0.113.5, 10.0.0.7"}, self.XFF, "203.0.113.5"),
+                 ("10.0.0.1", {"x-forwarded-for": "198.51.100.1, 10.0.0.8, 10.0.0.7"}, self.XFF, "198.51.100.1"),
+                 ("10.0.0.1", {"x-forwarded-for": "10.0.0.9, 10.0.0.8"}, self.XFF, "10.0.0.9"),      # all trusted
+                 ("10.0.0.1", {"x-forwarded-for": "198.51.100.1, garbage, 10.0.0.7"}, self.XFF, unknown),
+                 ("10.0.0.1", {"x-forwarded-for": "198.51.100.1, garbage"}, self.XFF, unknown),
+                 ("10.0.0.1", {"x-forwarded-for": "garbage, 198.51.100.1"}, self.XFF, "198.51.100.1"),
+                 ("10.0.0.1", {"x-forwarded-for": "unknown"}, self.XFF, unknown),
+                 ("10.0.0.1", {"x-forwarded-for": ""}, self.XFF, "10.0.0.1"),
+                 ("10.0.0.1", {"x-forwarded-for": "203.0.113.7:51234"}, self.XFF, "203.0.113.7"),
+                 ("10.0.0.1", {"x-forwarded-for": "[2001:db8::1]:443"}, self.XFF, "2001:db8::1"),
+                 ("10.0.0.1", {"x-forwarded-for": "10.0.0.5:8080"}, self.XFF, "10.0.0.5"),     # a trusted proxy
+                 ("10.0.0.1", {"x-forwarded-for": "::ffff:198.51.100.1"}, self.XFF, "198.51.100.1"),
+                 ("::ffff:10.0.0.1", {"x-forwarded-for": "198.51.100.1"}, self.XFF, "198.51.100.1"),   # mapped peer
+                 ("::ffff:10.0.0.1", {}, self.XFF, "10.0.0.1"),
+                 ("fd00::1", {"x-forwarded-for": "2001:db8::5"}, self.XFF, "2001:db8::5"),
+                 ("10.0.0.1", {"forwarded": 'for="[2001:db8::1]:4711"'}, self.FORWARDED, "2001:db8::1"),
+                 ("10.0.0.1", {"forwarded": 'for="198.51.100.1:8080", for=10.0.0.3'}, self.FORWARDED, "198.51.100.1"),
+                 ("10.0.0.1", {"forwarded": "for=_hidden, for=10.0.0.3"}, self.FORWARDED, unknown),
+                 ("10.0.0.1", {"forwarded": "for=unknown"}, self.FORWARDED, unknown),
+                 ("10.0.0.1", {"forwarded": "for=_hidden"}, self.FORWARDED, unknown),
+                 ("10.0.0.1", {"forwarded": "proto=https"}, self.FORWARDED, unknown),     # the proxy names no one
+                 ("10.0.0.1", {"forwarded": 'for=198.51.100.1, for="203.0.113.7'}, self.FORWARDED, unknown),
+                 # the header the proxy writes wins, whatever the client sent in the other
+                 ("10.0.0.1", {"x-forwarded-for": "10.1.2.3", "forwarded": "for=192.0.2.60"}, self.FORWARDED,
+                  "192.0.2.60"),
+                 ("10.0.0.1", {"x-forwarded-for": "198.51.100.1", "forwarded": "for=10.1.2.3"}, self.XFF,
+                  "198.51.100.1")]
+        for peer, headers, header, expected in cases:
+            with self.subTest(peer=peer, headers=headers, header=header):
+                self.assertEqual(bus.client_behind_proxies(peer, headers, self.TRUSTED, header), expected)
 
 
 class ParseRangeTest(unittest.TestCase):

@@ -5,9 +5,11 @@ import os
 import re
 import signal
 import socket
+import struct
 import threading
 import time
 import unittest
+from unittest import mock
 
 from support import (InProcessServer, SlowDownload, TempDirTestCase, close_all, connect, hold_connections,
                      make_update, publish, raw_exchange, record, request, status_of, wait_until)
@@ -64,7 +66,8 @@ class ConnectionTest(TempDirTestCase):
 
     def test_when_every_slot_is_answering_a_newcomer_gets_503(self):
         path = write_big_update(self.updates)
-        server = self.start_server(verify_updates=False, max_connections=4, max_connections_per_client=4)
+        server = self.start_server(verify_updates=False, max_connections=4, max_connections_per_client=4,
+                                   max_downloads=4)                          # no slot kept for short answers
         downloads = [SlowDownload(server.port, path, 0) for _ in range(4)]   # busy: stalled mid-download
         for download in downloads:
             download.start()
@@ -202,21 +205,19 @@ class ConnectionTest(TempDirTestCase):
 
 
 class ConnectionTableTest(unittest.TestCase):
-    """Admission without a server: the eviction race between the accept thread and a request beginning."""
+    """Admission without a server: the hand-over between the accept thread evicting and a request beginning.
+
+    Both sides decide under the slot's lock, so the hand-over holds without the GIL: the tests hold that
+    lock as the other side would and show that each side waits for it and then sees what the other did.
+    """
 
     class RacingSlot(bus.Slot):
-        """A slot whose handler raises busy at the instant _evict_one marks it evicted."""
+        """A slot whose request begins between _evict_one picking it and its hand-over."""
         __slots__ = ()
 
-        @property
-        def evicted(self):
-            return bus.Slot.evicted.__get__(self)
-
-        @evicted.setter
-        def evicted(self, value):
-            bus.Slot.evicted.__set__(self, value)
-            if value:
-                self.busy = True
+        def give_up(self):
+            self.begin_request()
+            return super().give_up()
 
     def connections(self):
         """A held connection, its client's end, and a newcomer: socket pairs closed after the test."""
@@ -240,14 +241,80 @@ class ConnectionTableTest(unittest.TestCase):
         with self.assertRaises(BlockingIOError):    # not shut down: the client sees no end of stream
             peer.recv(1)
 
+    def test_when_the_longest_waiting_slot_begins_a_request_the_next_one_gives_its_slot_up(self):
+        table = bus.ConnectionTable(2, 2)
+        first, first_peer, newcomer = self.connections()
+        second, second_peer = socket.socketpair()
+        self.addCleanup(second.close)
+        self.addCleanup(second_peer.close)
+        table.admit(first, "10.0.0.1", False)
+        table.admit(second, "10.0.0.1", False)
+        racing, idle = table.slot_of(first), table.slot_of(second)
+        racing.__class__ = self.RacingSlot
+        racing.served = idle.served = True
+        idle.waiting_since = racing.waiting_since + 1           # racing has waited longer: picked first
+        self.assertIsNone(table.admit(newcomer, "10.0.0.2", False))
+        self.assertEqual((racing.evicted, idle.evicted, table.evicted), (False, True, 1))
+        self.assertEqual(second_peer.recv(1), b"")
+
     def test_an_idle_slot_is_evicted_for_a_newcomer(self):
         table = bus.ConnectionTable(1, 1)
         held, peer, newcomer = self.connections()
         table.admit(held, "10.0.0.1", False)
-        table.slot_of(held).served = True
+        slot = table.slot_of(held)
+        slot.served = True
         self.assertIsNone(table.admit(newcomer, "10.0.0.2", False))
         self.assertEqual((table.open_count(), table.evicted), (1, 1))
         self.assertEqual(peer.recv(1), b"", "the evicted connection was shut down")
+        with self.assertRaises(ConnectionAbortedError, msg="a request arriving now is not answered"):
+            slot.begin_request()
+
+    def in_thread(self, function):
+        """Run function in a thread; return (its thread, a list that gets its result or exception)."""
+        outcome = []
+
+        def run():
+            try:
+                outcome.append(function())
+            except Exception as error:  # pylint: disable=broad-except
+                outcome.append(error)
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        self.addCleanup(thread.join, 5)
+        return thread, outcome
+
+    def test_a_request_beginning_waits_for_an_eviction_under_way_and_sees_it(self):
+        slot = bus.Slot(socket.socket(), "10.0.0.1", False)
+        self.addCleanup(slot.connection.close)
+        with slot.lock:                         # the accept thread, half-way through give_up
+            thread, outcome = self.in_thread(slot.begin_request)
+            thread.join(0.3)
+            self.assertTrue(thread.is_alive(), "begin_request decided without the slot's lock")
+            slot.evicted = True
+        thread.join(5)
+        self.assertIsInstance(outcome[0], ConnectionAbortedError)
+        self.assertFalse(slot.busy)
+
+    def test_an_eviction_waits_for_a_request_beginning_and_sees_it(self):
+        slot = bus.Slot(socket.socket(), "10.0.0.1", False)
+        self.addCleanup(slot.connection.close)
+        with slot.lock:                         # the connection's thread, half-way through begin_request
+            thread, outcome = self.in_thread(slot.give_up)
+            thread.join(0.3)
+            self.assertTrue(thread.is_alive(), "give_up decided without the slot's lock")
+            slot.busy = True
+        thread.join(5)
+        self.assertEqual(outcome, [False])
+        self.assertFalse(slot.evicted)
+
+    def test_a_request_that_ends_can_be_evicted_again(self):
+        slot = bus.Slot(socket.socket(), "10.0.0.1", False)
+        self.addCleanup(slot.connection.close)
+        slot.begin_request()
+        self.assertFalse(slot.give_up())
+        slot.end_request()
+        self.assertTrue(slot.give_up())
+        self.assertRaises(ConnectionAbortedError, slot.begin_request)
 
 
 class IPv6Test(TempDirTestCase):
@@ -315,7 +382,7 @@ class SignalTest(TempDirTestCase):
         server.process.send_signal(signal.SIGTERM)
         self.assertTrue(wait_until(lambda: "received SIGTERM, stopping" in server.log(), 5))
         self.assertEqual(server.stop(signal.SIGINT, timeout=10), 1)
-        self.assertIn("received SIGINT again: exiting now", server.log())
+        self.assertIn("received SIGINT during the graceful stop SIGTERM began: exiting now", server.log())
 
     def test_during_the_grace_period_a_kept_connection_gets_one_last_answer(self):
         path = write_big_update(self.updates)
@@ -423,6 +490,49 @@ class HandlerErrorTest(TempDirTestCase):
             self.assertEqual(server.get("/").status, 200)
         self.assertIn("RuntimeError: boom", "\n".join(errors.output))
         self.assertTrue(wait_until(lambda: any('"GET /ls" 500' in line for line in server.log), 5), server.log)
+
+
+class SocketTimeoutTest(unittest.TestCase):
+    """set_socket_timeout: a timeval of zero means "never", so the shortest wait is clamped to 1 microsecond."""
+
+    def test_a_wait_under_a_microsecond_is_not_zero(self):
+        size = struct.calcsize("ll")
+        for seconds in (4e-7, 0.0, 1e-9):
+            with self.subTest(seconds=seconds), socket.socket() as connection:
+                bus.set_socket_timeout(connection, socket.SO_RCVTIMEO, seconds)
+                whole, micro = struct.unpack("ll", connection.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, size))
+                self.assertEqual(whole, 0)
+                self.assertGreater(micro, 0, "zero: recv would wait forever")
+        with socket.socket() as connection:
+            bus.set_socket_timeout(connection, socket.SO_RCVTIMEO, 2.5)
+            self.assertEqual(struct.unpack("ll", connection.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, size)),
+                             (2, 500000))
+
+    def test_a_head_deadline_a_fraction_of_a_microsecond_away_still_ends_the_read(self):
+        ours, theirs = socket.socketpair()
+        self.addCleanup(theirs.close)
+        self.addCleanup(ours.close)
+        reader = bus.RequestReader(ours, idle_timeout=30, head_timeout=10)
+        reader.await_request()
+        reader.deadline = 100.0 + 4e-7          # what remains of it when the next read starts: 0.4 microseconds
+        outcome = []
+
+        def read():
+            try:
+                outcome.append(reader.readinto(bytearray(16)))
+            except socket.timeout as error:
+                outcome.append(str(error))
+        with mock.patch("box_update_server.time") as clock:
+            clock.monotonic.return_value = 100.0
+            worker = threading.Thread(target=read, daemon=True)
+            worker.start()
+            worker.join(10)
+        if worker.is_alive():
+            ours.shutdown(socket.SHUT_RDWR)     # let the stuck read go
+            worker.join(5)
+            self.fail("the read outlived its head deadline by 10 s")
+        self.assertEqual(len(outcome), 1)
+        self.assertRegex(outcome[0], r"^no bytes for 4e-07 s$")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import unittest
 import urllib.parse
 
 from support import (ROOT, TempDirTestCase, archive_bytes, child_pids, file_member, free_port, heavy, make_update,
-                     publish, record, request, update_members, wait_until)
+                     publish, record, request, track, update_members, wait_until)
 
 EXAMPLE = os.path.join(ROOT, "examples", "nginx", "box-update-server.conf")
 PREFIX = "/box-update-server"
@@ -80,10 +80,11 @@ def template(text, folder, listen_port, upstream_port):
 class Nginx:
     """The real nginx in the foreground, on the templated example, under one test's folder."""
 
-    def __init__(self, binary, folder, upstream_port):
+    def __init__(self, binary, folder, upstream_port, edit=None):
         self.binary = binary
         self.folder = folder
         self.upstream_port = upstream_port
+        self.edit = edit or (lambda text: text)      # a variant of the example a test names
         self.conf = os.path.join(folder, "nginx.conf")
         self.process = None
         self.port = None
@@ -98,16 +99,16 @@ class Nginx:
     def start(self):
         with open(EXAMPLE, encoding="utf-8") as example:
             text = example.read()
-        for _ in range(3):
+        for _ in range(3):     # nginx's listen needs the port in its config: another process may take it first
             self.port = free_port()
             with open(self.conf, "w", encoding="utf-8") as conf:
-                conf.write(template(text, self.folder, self.port, self.upstream_port))
+                conf.write(self.edit(template(text, self.folder, self.port, self.upstream_port)))
             checked = subprocess.run(self.command("-t"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             if checked.returncode != 0:
                 raise AssertionError("nginx -t refused the templated example:\n" + checked.stdout.decode())
             stderr = open(os.path.join(self.folder, "stderr.log"), "wb")
-            self.process = subprocess.Popen(self.command("-g", "daemon off;"), stdout=stderr, stderr=stderr,
-                                            start_new_session=True)
+            self.process = track(subprocess.Popen(self.command("-g", "daemon off;"), stdout=stderr, stderr=stderr,
+                                                  start_new_session=True))
             stderr.close()
             up = wait_until(lambda: self.process.poll() is not None or self.answers(), 10)
             if up and self.process.poll() is None:
@@ -237,22 +238,23 @@ class ProxyTest(TempDirTestCase):
             self.skipTest("nginx is not installed (Debian package nginx; .ci/run installs it)")
         self.binary = binary
 
-    def start(self, members=None, fill_seconds=None):
+    def start(self, members=None, fill_seconds=None, edit=None, **settings):
         """An update, the server trusting nginx's address, and nginx in front of it.
 
-        With fill_seconds, nginx reaches the server over a SlowLink that carries the update in that time.
+        With fill_seconds, nginx reaches the server over a SlowLink that carries the update in that time;
+        edit changes the example, settings are the server's.
         """
         self.update_path = make_update(self.updates, VERSION, members, mtime=time.time() - 60)
         self.name = os.path.basename(self.update_path)
         with open(self.update_path, "rb") as archive:
             self.data = archive.read()
-        self.server = self.start_server(trusted_proxies=["127.0.0.1/32"])
+        self.server = self.start_server(trusted_proxies=["127.0.0.1/32"], **settings)
         upstream_port = self.server.port
         if fill_seconds:
             link = SlowLink(self.server.port, len(self.data) / fill_seconds)
             self.addCleanup(link.close)
             upstream_port = link.port
-        self.nginx = Nginx(self.binary, os.path.join(self.tmp, "nginx"), upstream_port)
+        self.nginx = Nginx(self.binary, os.path.join(self.tmp, "nginx"), upstream_port, edit)
         self.addCleanup(self.nginx.kill)
         return self.nginx.start()
 
@@ -357,6 +359,21 @@ class ProxyTest(TempDirTestCase):
         self.assertTrue(wait_until(lambda: access_clients(self.server, '"GET /version?probe=2" 200'), 5),
                         self.server.log())
         self.assertEqual(access_clients(self.server, '"GET /version?probe=2" 200'), ["127.0.0.2"])
+
+    def test_behind_nginx_writing_only_forwarded_a_box_cannot_name_itself(self):
+        """nginx sets only Forwarded "for=$remote_addr" (forwarded_header "Forwarded"): a box's own
+        X-Forwarded-For, which nginx passes on untouched, is never read."""
+        def forwarded_only(text):
+            return substitute(text, r"^(?P<indent>[ \t]*)proxy_set_header[ \t]+X-Forwarded-For[ \t].*$",
+                              lambda match: match.group("indent") + 'proxy_set_header Forwarded "for=$remote_addr";', 1)
+
+        self.start(edit=forwarded_only, forwarded_header="Forwarded")
+        answer = self.nginx.request("GET", PREFIX + "/version?probe=3", {"X-Forwarded-For": "10.1.2.3"},
+                                    source="127.0.0.2")
+        self.assertEqual(answer.status, 200)
+        self.assertTrue(wait_until(lambda: access_clients(self.server, '"GET /version?probe=3" 200'), 5),
+                        self.server.log())
+        self.assertEqual(access_clients(self.server, '"GET /version?probe=3" 200'), ["127.0.0.2"])
 
     def test_a_newer_update_is_seen_through_the_proxy_within_2_s(self):
         """/latest is not cached: a newly published VERSION reaches boxes through the proxy at once."""

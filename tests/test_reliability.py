@@ -411,6 +411,8 @@ class DownloadFaultTest(TempDirTestCase):
         partial = os.path.join(self.tmp, "partial")
         with open(partial, "wb") as out:
             out.write(download.body)
+        name = os.path.basename(self.path).encode()       # offered again once it stopped changing
+        self.assertTrue(wait_until(lambda: name in self.server.get("/ls").body.split(b"\n"), 10), self.server.log())
         subprocess.run([curl, "-sS", "-C", "-", "-o", partial, self.server.url("/update/" + os.path.basename(
             self.path))], check=True)
         with open(partial, "rb") as resumed:
