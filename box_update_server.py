@@ -2628,9 +2628,12 @@ class BoxRecord:
             return "silent"
         if self.failed_version is not None and reported < self.failed_version:
             return "failed"
+        offered = self.offered_version
+        if offered is not None and reported >= offered and self.downloaded_version == offered:
+            return "installed"      # seen downloading the release it was offered, and now runs it
         if newest is not None and reported >= newest:
             return "current"
-        if self.offered_version is not None and reported >= self.offered_version:
+        if offered is not None and reported >= offered:
             return "installed"
         return "downloaded" if self.downloaded() else "offered"
 

@@ -221,7 +221,7 @@ class FailuresTest(FleetTestCase):
         self.assertEqual(self.boxes[1].ask(self.base), OLD_NAME)
         self.assertTrue(self.fleet()["rollout"]["halted"])
 
-    def test_a_box_that_installs_is_installed_then_current(self):
+    def test_a_box_that_installs_the_release_it_downloaded_is_installed(self):
         self.write_policy(canaries=["box-0"], canary_hours=1)
         self.start()
         self.publish_new()
@@ -233,7 +233,11 @@ class FailuresTest(FleetTestCase):
         entry = [entry for entry in self.fleet()["boxes"] if entry["box"] == "box-0"][0]
         self.assertEqual((entry["id"], entry["address"], entry["reported_version"], entry["offered"],
                           entry["offered_version"], entry["downloaded"], entry["state"]),
-                         ("box-0", "127.0.0.10", NEW, NEW_NAME, NEW, True, "current"))
+                         ("box-0", "127.0.0.10", NEW, NEW_NAME, NEW, True, "installed"))
+        self.boxes[1].version = NEW         # it runs the newest, never seen downloading it here
+        self.assertEqual(self.boxes[1].ask(self.base), NEW_NAME)
+        entry = [entry for entry in self.fleet()["boxes"] if entry["box"] == "box-1"][0]
+        self.assertEqual(entry["state"], "current")
 
 
     def test_a_part_of_the_file_is_not_a_complete_download(self):

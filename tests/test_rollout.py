@@ -268,6 +268,8 @@ class BoxStateTest(unittest.TestCase):
             ({"offered_version": 6, "downloaded_version": 6, "download_complete": True}, "downloaded"),
             ({"offered_version": 5, "reported": 5}, "installed"),
             ({"offered_version": 6, "reported": 6}, "current"),
+            ({"offered_version": 6, "reported": 6, "downloaded_version": 6, "download_complete": True}, "installed"),
+            ({"offered_version": 6, "reported": 7, "downloaded_version": 6, "download_complete": True}, "installed"),
             ({"offered_version": 6, "reported": 5, "failed_version": 6}, "failed"),
             ({"offered_version": 5, "reported": 6, "failed_version": 6}, "current"),
             ({"offered_version": 6, "reported": 6, "last_seen": NOW - silent}, "silent"),
