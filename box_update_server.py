@@ -44,9 +44,8 @@ import os
 import posixpath
 import re
 import signal
-import socketserver
-import sqlite3
 import socket
+import socketserver
 import sqlite3
 import stat
 import struct
