@@ -11,13 +11,14 @@ The file reads top to bottom in the order data flows:
 1. Settings        parse and validate the configuration
 2. Archive checks  what makes a file a safe update (the catalog and ``check`` share it)
 3. Signatures      OpenSSH signatures (PROTOCOL.sshsig) over updates, Ed25519 and RSA
-4. Catalog         which updates are offered, kept fresh by background threads
-5. HTTP rules      pure functions: request heads, framing, ranges, preconditions (RFC 9110, 9112)
-6. Metrics         counters for Prometheus
-7. Connections     the HTTP/1.1 protocol layer: request heads, the one answer path, access lines
-8. Routes          the application: what each route answers
-9. Server          connections, their limits, signals and graceful shutdown
-10. Command line
+4. Catalog         which updates are offered, kept fresh by background threads (verdicts remembered)
+5. Rollout         which update each box is offered: canaries, waves, pins, halts; the fleet's state
+6. HTTP rules      pure functions: request heads, framing, ranges, preconditions, answers (RFC 9110, 9112)
+7. Metrics         counters for Prometheus
+8. Connections     the HTTP/1.1 protocol layer: request heads, the one answer path, access lines
+9. Routes          the application: what each route answers
+10. Server         connections, their limits, signals and graceful shutdown
+11. Command line
 
 Standard library only, CPython 3.7 to 3.13, Linux (sendfile, TCP_CORK, SIOCOUTQ).
 """
@@ -44,9 +45,9 @@ import os
 import posixpath
 import re
 import signal
+import socket
 import socketserver
 import sqlite3
-import socket
 import stat
 import struct
 import sys
@@ -57,8 +58,8 @@ import time
 import types
 import urllib.parse
 from bisect import bisect_left
-from typing import (Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Sequence,
-                    Set, Tuple, TypeVar, Union)
+from typing import (Any, BinaryIO, Callable, Dict, FrozenSet, Iterable, Iterator, List, Mapping, NamedTuple, Optional,
+                    Sequence, Set, Tuple, TypeVar, Union)
 
 __version__ = "3.0"
 
@@ -103,6 +104,10 @@ class Settings(NamedTuple):
     forwarded_header: str = "X-Forwarded-For"   # the header the trusted proxies name the client in, or "Forwarded"
     signer_principals: Tuple[str, ...] = ()  # what boxes pass to ssh-keygen -Y verify -I; () means any listed
     max_expanded_bytes: int = 4 << 30       # an archive whose tar stream is longer is rejected (bzip2 bombs)
+    rollout: Optional[str] = None           # JSON rollout policy file: staged rollout when set
+    state_dir: Optional[str] = None         # the fleet's state (SQLite); required with rollout
+    silent_after_hours: float = 48.0        # a box not seen for this long is "silent"
+    max_boxes: int = 100000                 # boxes remembered; beyond this the longest unseen is forgotten
 
 
 REQUIRED_KEYS = ("port", "updates_dir")
@@ -157,10 +162,16 @@ def parse_settings(text: Optional[str], cwd: str = ".") -> Tuple[Settings, List[
         forwarded_header=optional("forwarded_header", _forwarded_header_setting, default.forwarded_header),
         signer_principals=optional("signer_principals", _principals_setting, default.signer_principals),
         max_expanded_bytes=optional("max_expanded_bytes", _count_setting, default.max_expanded_bytes),
+        rollout=optional("rollout", lambda key, value: _path_setting(key, value, cwd), None),
+        state_dir=optional("state_dir", lambda key, value: _path_setting(key, value, cwd), None),
+        silent_after_hours=optional("silent_after_hours", _hours_setting, default.silent_after_hours),
+        max_boxes=optional("max_boxes", _count_setting, default.max_boxes),
     )
     if settings.max_downloads > settings.max_connections:
         raise SettingsError("max_downloads (%d) must not exceed max_connections (%d)"
                             % (settings.max_downloads, settings.max_connections))
+    if settings.rollout is not None and settings.state_dir is None:
+        raise SettingsError("rollout needs state_dir: a writable folder for the fleet's state")
     warnings = ["unknown setting %r is ignored" % key for key in unknown]
     return settings, warnings
 
@@ -203,6 +214,12 @@ def _host_setting(key: str, value: object) -> str:
 def _seconds_setting(key: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 86400:
         raise SettingsError("%s must be a number of seconds above 0, not %r" % (key, value))
+    return float(value)
+
+
+def _hours_setting(key: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 24 * 3650:
+        raise SettingsError("%s must be a number of hours above 0 (at most ten years), not %r" % (key, value))
     return float(value)
 
 
@@ -2451,7 +2468,886 @@ class Catalog:
 
 
 # ---------------------------------------------------------------------------
-# 5. HTTP rules (RFC 9110, RFC 9112), pure functions
+# 5. Rollout
+# ---------------------------------------------------------------------------
+# A staged rollout, as Mender, Eclipse hawkBit and Sparkle's phased updates stage theirs: a new release
+# reaches the canary boxes first, then the rest of the fleet in waves over time; the operator pins, halts
+# and resumes through a JSON policy file.  What /latest gives a box is decided from memory (choose_update,
+# pure); the fleet and the releases' clocks are kept in SQLite by a background thread, off the request path.
+# Box headers are not authenticated, so progress comes from time and the operator, never from what a box
+# says: a forged header can get its sender what /update/<name> gives anybody, or slow or halt the rollout.
+
+BOX_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_BOX_VERSION = re.compile(r"[0-9]{1,18}")
+_BOX_RESULT = re.compile(r"failed ([0-9]{1,18})")
+POLICY_KEYS = ("canaries", "canary_hours", "waves_hours", "pins", "halt", "halt_after_failures",
+               "install_timeout_minutes", "resume")
+MAX_POLICY_BYTES = 1 << 20
+BOX_STATES = ("current", "offered", "downloaded", "installed", "failed", "silent")
+
+
+class PolicyError(ValueError):
+    """A rollout policy that cannot be used; the message is one line."""
+
+
+class RolloutPolicy(NamedTuple):
+    """The operator's rollout policy file, validated (see parse_policy for the defaults)."""
+    canary_ids: FrozenSet[str]
+    canary_networks: Tuple[Network, ...]
+    canary_hours: float
+    waves_hours: float
+    pins: Mapping[str, int]               # box id or address: VERSION
+    halt: bool
+    halt_after_failures: int              # 0: never halts by itself
+    install_timeout_minutes: float
+    resume: Optional[int]                 # releases an automatic halt of this VERSION
+
+    def is_canary(self, box_id: Optional[str], address: str) -> bool:
+        """A box named by its id, or whose address is in a canary range."""
+        if box_id is not None and box_id in self.canary_ids:
+            return True
+        if not self.canary_networks:
+            return False
+        try:
+            parsed = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(parsed in network for network in self.canary_networks)
+
+    def pin_for(self, box_id: Optional[str], address: str) -> Optional[int]:
+        """The VERSION this box is pinned to, by id first, then by address."""
+        if not self.pins:
+            return None
+        pinned = self.pins.get(box_id) if box_id is not None else None
+        return pinned if pinned is not None else self.pins.get(address)
+
+
+def parse_policy(text: str) -> RolloutPolicy:
+    """The policy file's JSON object; PolicyError names the first problem.  Every key is optional."""
+    try:
+        raw = json.loads(text)
+    except ValueError as error:
+        raise PolicyError("not valid JSON: %s" % error) from None
+    if not isinstance(raw, dict):
+        raise PolicyError("must be a JSON object, not %s" % type(raw).__name__)
+    for key in raw:
+        if key not in POLICY_KEYS:
+            raise PolicyError("unknown key %r (known: %s)" % (key, ", ".join(POLICY_KEYS)))
+    ids, networks = _policy_canaries(raw.get("canaries", []))
+    resume = raw.get("resume")
+    return RolloutPolicy(
+        canary_ids=ids, canary_networks=networks,
+        canary_hours=_policy_number("canary_hours", raw.get("canary_hours", 24), 0, 24 * 3650),
+        waves_hours=_policy_number("waves_hours", raw.get("waves_hours", 72), 0, 24 * 3650),
+        pins=_policy_pins(raw.get("pins", {})),
+        halt=_policy_flag("halt", raw.get("halt", False)),
+        halt_after_failures=int(_policy_number("halt_after_failures", raw.get("halt_after_failures", 1), 0, 10**9,
+                                               whole=True)),
+        install_timeout_minutes=_policy_number("install_timeout_minutes", raw.get("install_timeout_minutes", 30),
+                                               0, 60 * 24 * 365, above=True),
+        resume=None if resume is None else _policy_version("resume", resume))
+
+
+def _policy_number(key: str, value: object, low: float, high: float, whole: bool = False,
+                   above: bool = False) -> float:
+    """A number in [low, high] ((low, high] when above), an integer when whole."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (whole and not isinstance(value, int)):
+        raise PolicyError("%s must be %s, not %r" % (key, "an integer" if whole else "a number", value))
+    if not (low < value <= high if above else low <= value <= high):
+        raise PolicyError("%s must be %s %g and at most %g, not %r"
+                          % (key, "above" if above else "at least", low, high, value))
+    return float(value)
+
+
+def _policy_flag(key: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise PolicyError("%s must be true or false, not %r" % (key, value))
+    return value
+
+
+def _policy_version(key: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 10**18:
+        raise PolicyError("%s must be a VERSION (a whole number), not %r" % (key, value))
+    return value
+
+
+def _box_name(key: str, value: object) -> Union[str, Network]:
+    """A box id, or (when it reads as one) an address or CIDR range; digits alone are an id."""
+    if isinstance(value, str) and not _BOX_VERSION.fullmatch(value):
+        try:
+            return ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            pass
+    if isinstance(value, str) and BOX_ID.fullmatch(value):
+        return value
+    raise PolicyError("%s: %r is neither a box id (1 to 64 of A-Z a-z 0-9 . _ -) nor an address" % (key, value))
+
+
+def _policy_canaries(value: object) -> Tuple[FrozenSet[str], Tuple[Network, ...]]:
+    if not isinstance(value, list):
+        raise PolicyError("canaries must be a list of box ids, addresses or CIDR ranges, not %r" % (value,))
+    names = [_box_name("canaries", item) for item in value]
+    return (frozenset(name for name in names if isinstance(name, str)),
+            tuple(name for name in names if not isinstance(name, str)))
+
+
+def _policy_pins(value: object) -> Dict[str, int]:
+    if not isinstance(value, dict):
+        raise PolicyError("pins must be an object of box id or address to VERSION, not %r" % (value,))
+    pins = {}
+    for key, version in value.items():
+        name = _box_name("pins", key)
+        if not isinstance(name, str) and name.num_addresses != 1:
+            raise PolicyError("pins: %r is a range; pin a box id or one address" % key)
+        pins[name if isinstance(name, str) else str(name.network_address)] = _policy_version("pins", version)
+    return pins
+
+
+def read_policy(path: str) -> Tuple[RolloutPolicy, str]:
+    """The policy in the file, and a stamp that changes whenever the file is written (its mtime and content)."""
+    try:
+        with open(path, "rb") as policy_file:
+            data = policy_file.read(MAX_POLICY_BYTES + 1)
+            modified = os.fstat(policy_file.fileno()).st_mtime_ns
+    except OSError as error:
+        raise PolicyError("cannot be read: %s" % (error.strerror or error)) from None
+    if len(data) > MAX_POLICY_BYTES:
+        raise PolicyError("is larger than %d KiB" % (MAX_POLICY_BYTES >> 10))
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PolicyError("is not UTF-8 text") from None
+    return parse_policy(text), "%d:%s" % (modified, hashlib.sha256(data).hexdigest())
+
+
+class BoxReport(NamedTuple):
+    """What a request says about the box that sent it; malformed headers are ignored and named."""
+    box_id: Optional[str]
+    version: Optional[int]
+    failed: Optional[int]           # X-OPQ-Box-Result: failed <VERSION>
+    malformed: Tuple[str, ...]      # header names
+
+    def box(self, client: str) -> str:
+        """The box's key: its id, or else its client address."""
+        return self.box_id if self.box_id is not None else client
+
+
+def read_box_headers(headers: Mapping[str, str]) -> BoxReport:
+    """X-OPQ-Box-Id, X-OPQ-Box-Version and X-OPQ-Box-Result, each optional; anything malformed is dropped."""
+    malformed = []
+    box_id = headers.get("x-opq-box-id")
+    if box_id is not None and not BOX_ID.fullmatch(box_id):
+        malformed.append("X-OPQ-Box-Id")
+        box_id = None
+    version_text = headers.get("x-opq-box-version")
+    version = None
+    if version_text is not None:
+        if _BOX_VERSION.fullmatch(version_text):
+            version = int(version_text)
+        else:
+            malformed.append("X-OPQ-Box-Version")
+    result = headers.get("x-opq-box-result")
+    failed = None
+    if result is not None:
+        match = _BOX_RESULT.fullmatch(result)
+        if match:
+            failed = int(match.group(1))
+        else:
+            malformed.append("X-OPQ-Box-Result")
+    return BoxReport(box_id, version, failed, tuple(malformed))
+
+
+def wave_position(box: str, version: int) -> float:
+    """The box's stable place in [0, 1) in the waves of one release: a new release shuffles the fleet anew."""
+    digest = hashlib.sha256(("%s\n%d" % (box, version)).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+class ReleaseClock(NamedTuple):
+    """One release's rollout: when it started (0: before the rollout state existed), halts and failures."""
+    version: int
+    started: float                  # epoch seconds
+    paused: float                   # seconds halted, halts that ended
+    halted_since: Optional[float]   # halted now (by the file or by failures), since then
+    halted_by_failures: bool
+    failures: int                   # boxes that failed to install it
+    forgiven: int                   # failures that a resume released
+
+
+def rollout_elapsed(clock: ReleaseClock, now: float) -> float:
+    """Seconds the release has been rolling out; the clock stops while it is halted."""
+    end = clock.halted_since if clock.halted_since is not None else now
+    return max(0.0, end - clock.started - clock.paused)
+
+
+def wave_share(policy: RolloutPolicy, elapsed: float) -> float:
+    """The share of the fleet (beyond the canaries) the waves have reached after elapsed seconds."""
+    canary, waves = policy.canary_hours * 3600, policy.waves_hours * 3600
+    if elapsed < canary:
+        return 0.0
+    return 1.0 if waves <= 0 else min(1.0, (elapsed - canary) / waves)
+
+
+class BoxView(NamedTuple):
+    """What choose_update needs to know of one box (a BoxRecord has the same attributes)."""
+    box: str                        # its key: id, or else address
+    box_id: Optional[str]
+    address: str
+    reported: Optional[int]                 # the VERSION it says it runs
+    downloaded_version: Optional[int]       # the VERSION it was last seen downloading
+    failed_version: Optional[int]           # the VERSION it failed to install
+
+    def position(self, version: int) -> float:
+        """Its wave position in that release."""
+        return wave_position(self.box, version)
+
+
+def release_open_to(update: Update, policy: RolloutPolicy, clocks: Mapping[int, ReleaseClock], box: "AnyBox",
+                    now: float) -> bool:
+    """Whether the rollout gives this box this release now: started, not halted, canary or its wave reached."""
+    if update.version == box.failed_version:
+        return False          # not again: a failed install reboots nothing, but each retry costs a box an outage
+    clock = clocks.get(update.version)
+    if clock is None or clock.halted_since is not None:
+        return False          # not started (the policy is broken) or halted
+    if clock.started == 0 or policy.is_canary(box.box_id, box.address):
+        return True
+    return box.position(update.version) < wave_share(policy, rollout_elapsed(clock, now))
+
+
+def choose_update(updates: Sequence[Update], policy: RolloutPolicy, clocks: Mapping[int, ReleaseClock],
+                  box: "AnyBox", now: float) -> Optional[Update]:
+    """The update /latest gives this box: its pin if offered, else the newest release open to it, never older
+    than the VERSION it reports or was last seen downloading (unless it failed that one) when that is offered."""
+    pinned = policy.pin_for(box.box_id, box.address)
+    if pinned is not None:
+        for update in reversed(updates):
+            if update.version == pinned:
+                return update
+    floor = box.reported
+    downloaded = box.downloaded_version
+    if downloaded is not None and downloaded != box.failed_version and (floor is None or downloaded > floor):
+        floor = downloaded
+    for update in reversed(updates):
+        if (floor is not None and update.version <= floor) or release_open_to(update, policy, clocks, box, now):
+            return update
+    return None
+
+
+class BoxRecord:
+    """What the server knows of one box."""
+    COLUMNS = ("box", "box_id", "address", "first_seen", "last_seen", "reported", "offered", "offered_version",
+               "downloaded_version", "download_complete", "downloaded_at", "failed_version", "failed_at")
+    __slots__ = COLUMNS + ("_position",)
+
+    def __init__(self, box: str, box_id: Optional[str], address: str, now: float) -> None:
+        self.box, self.box_id, self.address = box, box_id, address
+        self.first_seen = self.last_seen = now
+        self.reported: Optional[int] = None
+        self.offered: Optional[str] = None
+        self.offered_version: Optional[int] = None
+        self.downloaded_version: Optional[int] = None
+        self.download_complete = False
+        self.downloaded_at: Optional[float] = None
+        self.failed_version: Optional[int] = None
+        self.failed_at: Optional[float] = None
+        self._position = (-1, 0.0)
+
+    def position(self, version: int) -> float:
+        """Its wave position in that release, kept: /latest asks it on every check (a hash costs 2 us)."""
+        if self._position[0] != version:
+            self._position = (version, wave_position(self.box, version))
+        return self._position[1]
+
+    def row(self) -> Tuple[Any, ...]:
+        """The record as a row of the boxes table, in COLUMNS order."""
+        return tuple(getattr(self, column) for column in self.COLUMNS)
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> "BoxRecord":
+        record = cls(row[0], row[1], row[2], row[3])
+        for column, value in zip(cls.COLUMNS[3:], row[3:]):
+            setattr(record, column, bool(value) if column == "download_complete" else value)
+        return record
+
+    def state(self, newest: Optional[int], silent_after: float, now: float) -> str:
+        """current, offered, downloaded, installed, failed or silent (see BOX_STATES and the README)."""
+        reported = -1 if self.reported is None else self.reported
+        if now - self.last_seen >= silent_after:
+            return "silent"
+        if self.failed_version is not None and reported < self.failed_version:
+            return "failed"
+        offered = self.offered_version
+        if offered is not None and reported >= offered and self.downloaded_version == offered:
+            return "installed"      # seen downloading the release it was offered, and now runs it
+        if newest is not None and reported >= newest:
+            return "current"
+        if offered is not None and reported >= offered:
+            return "installed"
+        return "downloaded" if self.downloaded() else "offered"
+
+    def downloaded(self) -> bool:
+        """It downloaded the release it was last offered completely."""
+        return (self.offered_version is not None and self.download_complete
+                and self.downloaded_version == self.offered_version)
+
+
+AnyBox = Union[BoxView, BoxRecord]     # choose_update reads a record as it is, without a copy
+
+
+class FleetStore:
+    """The fleet's state in SQLite (WAL) in state_dir, checked at start and then written by one thread.
+
+    Each write is one transaction, so a kill -9 at any moment loses nothing that was committed.
+    """
+
+    FILE = "fleet.sqlite3"
+    SCHEMA = 1
+
+    def __init__(self, state_dir: str) -> None:
+        if not os.path.isdir(state_dir):
+            raise SettingsError("state_dir %s is %s" % (state_dir, "not a folder" if os.path.exists(state_dir)
+                                                         else "missing"))
+        self.path = os.path.join(state_dir, self.FILE)
+        self.connection: Optional[sqlite3.Connection] = None
+        try:
+            self.connection = sqlite3.connect(self.path, timeout=5, isolation_level=None, check_same_thread=False)
+            self._prepare(self.connection)
+        except (sqlite3.Error, OSError) as error:
+            self.close()
+            raise SettingsError("state %s cannot be used: %s" % (self.path, error)) from None
+
+    def _prepare(self, connection: sqlite3.Connection) -> None:
+        """WAL, an intact file of our schema, and a write that proves the folder is writable."""
+        if connection.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
+            raise sqlite3.OperationalError("cannot use write-ahead logging")
+        connection.execute("PRAGMA synchronous=FULL")
+        problem = connection.execute("PRAGMA quick_check").fetchone()[0]
+        if problem != "ok":
+            raise sqlite3.DatabaseError("corrupt: %s" % problem)
+        schema = connection.execute("PRAGMA user_version").fetchone()[0]
+        if schema not in (0, self.SCHEMA):
+            raise sqlite3.DatabaseError("written by a newer server (schema %d)" % schema)
+        with self.transaction() as cursor:
+            cursor.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            cursor.execute("CREATE TABLE IF NOT EXISTS releases (version INTEGER PRIMARY KEY, started REAL NOT NULL,"
+                           " paused REAL NOT NULL, halted_since REAL, halted_by_failures INTEGER NOT NULL,"
+                           " failures INTEGER NOT NULL, forgiven INTEGER NOT NULL)")
+            cursor.execute("CREATE TABLE IF NOT EXISTS boxes (box TEXT PRIMARY KEY, box_id TEXT, address TEXT NOT NULL,"
+                           " first_seen REAL NOT NULL, last_seen REAL NOT NULL, reported INTEGER, offered TEXT,"
+                           " offered_version INTEGER, downloaded_version INTEGER, download_complete INTEGER NOT NULL,"
+                           " downloaded_at REAL, failed_version INTEGER, failed_at REAL)")
+            cursor.execute("PRAGMA user_version = %d" % self.SCHEMA)
+            cursor.execute("INSERT OR REPLACE INTO meta VALUES ('opened', ?)", (repr(time.time()),))
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Cursor]:
+        """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error."""
+        assert self.connection is not None
+        cursor = self.connection.cursor()
+        cursor.execute("BEGIN IMMEDIATE")
+        try:
+            yield cursor
+        except BaseException:
+            cursor.execute("ROLLBACK")
+            raise
+        cursor.execute("COMMIT")
+
+    def load(self) -> Tuple[Dict[str, str], List[ReleaseClock], List[BoxRecord]]:
+        """Everything, boxes longest unseen first."""
+        assert self.connection is not None
+        try:
+            meta = dict(self.connection.execute("SELECT key, value FROM meta").fetchall())
+            releases = [ReleaseClock(row[0], row[1], row[2], row[3], bool(row[4]), row[5], row[6]) for row in
+                        self.connection.execute("SELECT version, started, paused, halted_since, halted_by_failures,"
+                                                " failures, forgiven FROM releases")]
+            boxes = [BoxRecord.from_row(row) for row in self.connection.execute(
+                "SELECT %s FROM boxes ORDER BY last_seen" % ", ".join(BoxRecord.COLUMNS))]
+        except sqlite3.Error as error:
+            raise SettingsError("state %s cannot be read: %s" % (self.path, error)) from None
+        return meta, releases, boxes
+
+    def write(self, meta: Mapping[str, str], releases: Sequence[ReleaseClock], boxes: Sequence[Tuple[Any, ...]],
+              forgotten: Sequence[str]) -> None:
+        """One transaction; sqlite3.Error or OSError when it cannot be written."""
+        with self.transaction() as cursor:
+            cursor.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", sorted(meta.items()))
+            cursor.executemany("INSERT OR REPLACE INTO releases VALUES (?, ?, ?, ?, ?, ?, ?)", releases)
+            cursor.executemany("INSERT OR REPLACE INTO boxes VALUES (%s)" % ", ".join("?" * len(BoxRecord.COLUMNS)),
+                               boxes)
+            cursor.executemany("DELETE FROM boxes WHERE box = ?", [(box,) for box in forgotten])
+
+    def close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+
+MetricFamily = Tuple[str, str, str, List[Tuple[Dict[str, str], Union[int, float]]]]   # name, type, help, samples
+
+
+class Rollout:
+    """The staged rollout: the policy in force, the releases' clocks and every box, in memory under one lock.
+
+    Requests decide from memory and mark what changed; the rollout thread re-reads the policy
+    file when its status changes (every TICK_SECONDS), logs the rollout's progress, forgets
+    silent boxes and writes what changed in one transaction.  A box's last_seen alone is
+    written at most every TOUCH_SECONDS, so a fleet checking in does not keep the disk busy.
+    """
+
+    TICK_SECONDS = 0.5
+    TOUCH_SECONDS = 10.0
+    FORGET_AFTER_SILENT = 7      # a box silent for 7 x silent_after_hours is forgotten
+    MAX_LOGGED_CLIENTS = 1000    # malformed headers are logged once per client address, for this many
+
+    def __init__(self, policy_path: str, store: FleetStore, snapshot: Callable[[], Snapshot],
+                 folder_versions: Iterable[int], silent_after_hours: float = 48.0, max_boxes: int = 100000) -> None:
+        """Read the policy and the state; SettingsError when either cannot be used."""
+        self.policy_path = policy_path
+        self.store = store
+        self.snapshot = snapshot
+        self.silent_after = silent_after_hours * 3600
+        self.max_boxes = max_boxes
+        try:
+            self.policy, stamp = read_policy(policy_path)
+            self._policy_identity = self._stat_policy()
+        except PolicyError as error:
+            raise SettingsError("rollout policy %s %s" % (policy_path, error)) from None
+        self.policy_problem: Optional[str] = None
+        self.state_problem: Optional[str] = None
+        self.halts = 0
+        started = time.monotonic()
+        meta, releases, boxes = store.load()
+        logger.info("rollout: policy %s; state %s: %d box(es) and %d release(s) loaded in %.0f ms", policy_path,
+                    store.path, len(boxes), len(releases), (time.monotonic() - started) * 1000)
+        self._meta = meta
+        self._meta_dirty: Set[str] = set()
+        if "baseline" not in meta:    # a new state: what the folder holds now counts as rolled out already
+            self._set_meta("baseline", str(max(folder_versions, default=0)))
+        self.baseline = int(self._meta["baseline"])
+        self._clocks = {clock.version: clock for clock in releases}
+        self._clocks_dirty: Set[int] = set()
+        self._boxes = {record.box: record for record in boxes}
+        self._dirty: Set[str] = set()
+        self._touched: Set[str] = set()
+        self._forgotten: Set[str] = set()
+        self._logged_clients: Set[str] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._synced: Optional[Snapshot] = None
+        self._progress: Dict[int, int] = {}
+        self._pin_warnings: Set[str] = set()
+        self._touch_written = self._forget_checked = time.monotonic()
+        with self._lock:
+            self._apply_policy(self.policy, stamp, time.time())
+
+    # Requests ----------------------------------------------------------------
+
+    def answer_latest(self, snapshot: Snapshot, report: BoxReport, client: str,
+                      now: Optional[float] = None) -> Optional[Update]:
+        """The update /latest gives this box, noting what it said and what it was offered."""
+        now = time.time() if now is None else now
+        with self._lock:
+            if snapshot is not self._synced:
+                self._sync(snapshot, now)
+            record = self._record(report, client, now)
+            before = (record.address, record.reported, record.offered, record.failed_version)
+            record.address, record.last_seen = client, now
+            if report.version is not None:
+                record.reported = report.version
+            if report.failed is not None:
+                self._fail(record, report.failed, now, "it said so")
+            if record.downloaded_version is not None:
+                self._check_install(record, now)
+            update = choose_update(snapshot.updates, self.policy, self._clocks, record, now)
+            if update is not None:
+                record.offered, record.offered_version = update.name, update.version
+                if self.policy.pins:
+                    self._warn_unoffered_pin(snapshot, record)
+            self._changed(record, before != (record.address, record.reported, record.offered, record.failed_version))
+        if report.malformed:
+            self._log_malformed(report, client)
+        return update
+
+    def record_download(self, report: BoxReport, client: str, update: Update, complete: bool,
+                        now: Optional[float] = None) -> None:
+        """A download of an offered update ended, with every byte sent or not."""
+        now = time.time() if now is None else now
+        with self._lock:
+            record = self._record(report, client, now)
+            record.address, record.last_seen = client, now
+            record.downloaded_version, record.download_complete = update.version, complete
+            if complete:
+                record.downloaded_at = now
+            self._changed(record, True)
+
+    def _record(self, report: BoxReport, client: str, now: float) -> BoxRecord:
+        """The box's record; made when new, the longest unseen forgotten first beyond max_boxes (a hundredth
+        of them at a time, so a flood of new ids costs a scan per hundredth, not one per request)."""
+        box = report.box(client)
+        record = self._boxes.get(box)
+        if record is None:
+            if len(self._boxes) >= self.max_boxes:
+                excess = len(self._boxes) - self.max_boxes + max(1, self.max_boxes // 100)
+                for oldest in heapq.nsmallest(excess, self._boxes.values(), key=lambda known: known.last_seen):
+                    self._forget(oldest.box)
+            record = self._boxes[box] = BoxRecord(box, report.box_id, client, now)
+            self._forgotten.discard(box)
+            self._dirty.add(box)
+        return record
+
+    def _changed(self, record: BoxRecord, more_than_seen: bool) -> None:
+        """Queue the record for writing: soon when more than its last_seen changed."""
+        if more_than_seen:
+            if not self._dirty:
+                self._wake.set()
+            self._dirty.add(record.box)
+        else:
+            self._touched.add(record.box)
+
+    def _forget(self, box: str) -> None:
+        del self._boxes[box]
+        self._dirty.discard(box)
+        self._touched.discard(box)
+        self._forgotten.add(box)
+
+    def _fail(self, record: BoxRecord, version: int, now: float, how: str) -> None:
+        """The box failed to install VERSION: counted once per box, and the release halts at the threshold."""
+        if record.failed_version == version:
+            return
+        record.failed_version, record.failed_at = version, now
+        logger.warning("rollout: box %s (%s) failed to install VERSION %d (%s)", record.box, record.address, version,
+                       how)
+        clock = self._clocks.get(version)
+        if clock is None:
+            return
+        clock = clock._replace(failures=clock.failures + 1)
+        threshold = self.policy.halt_after_failures
+        if threshold and not clock.halted_by_failures and clock.failures - clock.forgiven >= threshold:
+            clock = clock._replace(halted_by_failures=True)
+        self._set_clock(clock)
+        self._reconcile(now)
+
+    def _check_install(self, record: BoxRecord, now: float) -> None:
+        """install_timeout_minutes after a complete download, a box still reporting an older VERSION failed."""
+        version = record.downloaded_version
+        if (version is not None and record.download_complete and version == record.offered_version
+                and record.reported is not None and record.reported < version and record.failed_version != version
+                and record.downloaded_at is not None
+                and now - record.downloaded_at >= self.policy.install_timeout_minutes * 60):
+            self._fail(record, version, now, "still VERSION %d %.0f minutes after downloading it"
+                       % (record.reported, (now - record.downloaded_at) / 60))
+
+    def _warn_unoffered_pin(self, snapshot: Snapshot, record: BoxRecord) -> None:
+        pinned = self.policy.pin_for(record.box_id, record.address)
+        if pinned is not None and pinned != record.offered_version and record.box not in self._pin_warnings:
+            if not any(update.version == pinned for update in snapshot.updates):
+                self._pin_warnings.add(record.box)
+                logger.warning("rollout: box %s is pinned to VERSION %d, which is not offered; the policy decides",
+                               record.box, pinned)
+
+    def _log_malformed(self, report: BoxReport, client: str) -> None:
+        if client in self._logged_clients or len(self._logged_clients) >= self.MAX_LOGGED_CLIENTS:
+            return
+        self._logged_clients.add(client)
+        logger.warning("rollout: %s sent a malformed %s, ignored (logged once per address)", client,
+                       " and ".join(report.malformed))
+
+    # Releases and their clocks -------------------------------------------------
+
+    def _sync(self, snapshot: Snapshot, now: float) -> None:
+        """Give every offered release a clock: it starts now (or counts as rolled out when the state was made)."""
+        if snapshot is self._synced:
+            return
+        self._synced = snapshot
+        for update in snapshot.updates:
+            if update.version in self._clocks:
+                continue
+            if update.version <= self.baseline:
+                self._set_clock(ReleaseClock(update.version, 0.0, 0.0, None, False, 0, 0))
+            elif self.policy_problem is None:    # nobody gets what the last good policy would not have given
+                self._set_clock(ReleaseClock(update.version, now, 0.0, None, False, 0, 0))
+                self._progress[update.version] = -1
+                logger.info("rollout: %s (VERSION %d) starts rolling out: canaries for %g h, then waves over %g h",
+                            update.name, update.version, self.policy.canary_hours, self.policy.waves_hours)
+            else:
+                self._synced = None     # look again once the policy is fixed
+        self._reconcile(now)
+
+    def _reconcile(self, now: float) -> None:
+        """Halt or resume each release as the policy and its failures say; a halt stops its clock."""
+        snapshot = self._synced or self.snapshot()
+        newest = snapshot.latest.version if snapshot.latest else None
+        for version, clock in list(self._clocks.items()):
+            by_file = self.policy.halt and version == newest
+            halted = by_file or clock.halted_by_failures
+            if halted and clock.halted_since is None:
+                self._set_clock(clock._replace(halted_since=now))
+                self.halts += 1
+                logger.warning("rollout: VERSION %d halted by %s", version, "the policy file" if by_file else
+                               "%d failure(s) (halt_after_failures %d)" % (clock.failures - clock.forgiven,
+                                                                          self.policy.halt_after_failures))
+            elif not halted and clock.halted_since is not None:
+                self._set_clock(clock._replace(halted_since=None, paused=clock.paused + now - clock.halted_since))
+                logger.info("rollout: VERSION %d resumed", version)
+
+    def _set_clock(self, clock: ReleaseClock) -> None:
+        self._clocks[clock.version] = clock
+        self._clocks_dirty.add(clock.version)
+        self._wake.set()
+
+    def _set_meta(self, key: str, value: str) -> None:
+        self._meta[key] = value
+        self._meta_dirty.add(key)
+
+    # The policy ------------------------------------------------------------------
+
+    def _stat_policy(self) -> Optional[FileIdentity]:
+        try:
+            return FileIdentity.from_stat(os.stat(self.policy_path))
+        except OSError:
+            return None
+
+    def reload(self, force: bool = True) -> None:
+        """Read the policy file again (SIGHUP, or its status changed); a broken one keeps the last good policy."""
+        identity = self._stat_policy()
+        if not force and identity == self._policy_identity:
+            return
+        self._policy_identity = identity
+        now = time.time()
+        try:
+            policy, stamp = read_policy(self.policy_path)
+        except PolicyError as error:
+            problem = "rollout policy %s %s" % (self.policy_path, error)
+            with self._lock:
+                if problem != self.policy_problem:
+                    logger.error("%s; the last good policy stays in force, and no new release starts", problem)
+                self.policy_problem = problem
+            return
+        with self._lock:
+            if self.policy_problem is not None:
+                logger.info("rollout policy %s is usable again", self.policy_path)
+            self.policy_problem = None
+            self._apply_policy(policy, stamp, now)
+        logger.info("rollout policy %s read", self.policy_path)
+
+    def _apply_policy(self, policy: RolloutPolicy, stamp: str, now: float) -> None:
+        """Put the policy in force; a resume acts once per write of the file (remembered across restarts)."""
+        self.policy = policy
+        self._pin_warnings = set()
+        if stamp != self._meta.get("policy_stamp"):
+            self._set_meta("policy_stamp", stamp)
+            clock = self._clocks.get(policy.resume) if policy.resume is not None else None
+            if clock is not None and clock.halted_by_failures:
+                self._set_clock(clock._replace(halted_by_failures=False, forgiven=clock.failures))
+                logger.info("rollout: the automatic halt of VERSION %d is released (resume in the policy file); "
+                            "its %d failure(s) so far no longer count", clock.version, clock.failures)
+        self._synced = None
+        self._sync(self.snapshot(), now)
+
+    # The rollout thread ------------------------------------------------------------
+
+    def start(self) -> None:
+        """Follow the policy file, log progress, write the state."""
+        self._thread = threading.Thread(target=self._loop, name="rollout", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Write what is left and close the state."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        self.flush(everything=True)
+        self.store.close()
+
+    def _loop(self) -> None:
+        next_tick = 0.0
+        while not self._stopping.is_set():
+            self._wake.wait(max(0.0, next_tick - time.monotonic()))
+            self._wake.clear()
+            try:
+                if time.monotonic() >= next_tick:
+                    next_tick = time.monotonic() + self.TICK_SECONDS
+                    self.reload(force=False)
+                    self.tick(time.time())
+                self.flush()
+            except Exception:  # pylint: disable=broad-except
+                logger.exception("rollout: the rollout thread failed")
+
+    def tick(self, now: float) -> None:
+        """Start releases, log canaries done and each tenth of the fleet reached; forget long silent boxes."""
+        snapshot = self.snapshot()
+        with self._lock:
+            self._sync(snapshot, now)
+            latest = snapshot.latest
+            clock = self._clocks.get(latest.version) if latest else None
+            if latest is not None and clock is not None and clock.started:
+                step = self._step(clock, now)
+                logged = self._progress.setdefault(latest.version, step)    # progress before a restart is not news
+                if step > logged:
+                    self._progress[latest.version] = step
+                    if logged < 0:
+                        logger.info("rollout: %s: canaries done, the waves begin", latest.name)
+                    if step > 0:
+                        logger.info("rollout: %s reached %d%% of the fleet", latest.name, step * 10)
+            if time.monotonic() - self._forget_checked >= 60:
+                self._forget_checked = time.monotonic()
+                horizon = now - self.FORGET_AFTER_SILENT * self.silent_after
+                for record in [record for record in self._boxes.values() if record.last_seen < horizon]:
+                    self._forget(record.box)
+
+    def _step(self, clock: ReleaseClock, now: float) -> int:
+        """-1 while only the canaries have the release, then the tenths of the fleet its waves reached."""
+        elapsed = rollout_elapsed(clock, now)
+        return -1 if elapsed < self.policy.canary_hours * 3600 else int(wave_share(self.policy, elapsed) * 10)
+
+    def flush(self, everything: bool = False) -> bool:
+        """Write what changed in one transaction; on failure log it once, say so on /, and try again later."""
+        with self._lock:
+            if everything or time.monotonic() - self._touch_written >= self.TOUCH_SECONDS:
+                self._dirty |= self._touched
+                self._touched = set()
+                self._touch_written = time.monotonic()
+            if not (self._dirty or self._forgotten or self._clocks_dirty or self._meta_dirty):
+                return True
+            boxes, self._dirty = self._dirty, set()
+            forgotten, self._forgotten = self._forgotten, set()
+            clocks, self._clocks_dirty = self._clocks_dirty, set()
+            meta, self._meta_dirty = self._meta_dirty, set()
+            rows = [self._boxes[box].row() for box in boxes if box in self._boxes]
+            clock_rows = [self._clocks[version] for version in clocks]
+            meta_rows = {key: self._meta[key] for key in meta}
+        try:
+            self.store.write(meta_rows, clock_rows, rows, sorted(forgotten))
+        except (sqlite3.Error, OSError) as error:
+            with self._lock:
+                self._dirty |= boxes
+                self._forgotten |= forgotten - set(self._boxes)
+                self._clocks_dirty |= clocks
+                self._meta_dirty |= meta
+                if self.state_problem is None:
+                    logger.error("rollout: the state %s cannot be written: %s; kept in memory, retrying",
+                                 self.store.path, error)
+                self.state_problem = "the rollout state cannot be written: %s" % error
+            return False
+        if self.state_problem is not None:
+            logger.info("rollout: the state %s is written again", self.store.path)
+            self.state_problem = None
+        return True
+
+    # What operators see ----------------------------------------------------------------
+
+    def summary(self, snapshot: Snapshot, now: float) -> Dict[str, Any]:
+        """The rollout of the newest release, as /fleet shows it."""
+        latest = snapshot.latest
+        with self._lock:
+            self._sync(snapshot, now)     # a release seen here first starts here
+            clock = self._clocks.get(latest.version) if latest else None
+            policy, policy_problem = self.policy, self.policy_problem
+        summary: Dict[str, Any] = {
+            "release": latest.name if latest else None, "version": latest.version if latest else None,
+            "started": clock.started if clock and clock.started else None, "eligible_share": 0.0,
+            "canaries_done": False, "failures": clock.failures if clock else 0, "halted": False, "halt_reason": None}
+        if latest is None:
+            return summary
+        if clock is None:
+            summary.update(halted=True, halt_reason="not started: %s" % (policy_problem or "waiting for the policy"))
+            return summary
+        elapsed = rollout_elapsed(clock, now) if clock.started else float("inf")
+        summary["eligible_share"] = round(wave_share(policy, elapsed), 4)
+        summary["canaries_done"] = elapsed >= policy.canary_hours * 3600
+        if clock.halted_since is not None:
+            reasons = []
+            if policy.halt:
+                reasons.append("halt in the policy file")
+            if clock.halted_by_failures:
+                reasons.append("%d failure(s), halt_after_failures %d (release with \"resume\": %d)"
+                               % (clock.failures - clock.forgiven, policy.halt_after_failures, clock.version))
+            summary.update(halted=True, halt_reason="; ".join(reasons) or "halted")
+        return summary
+
+    def fleet(self, snapshot: Snapshot, now: float) -> Dict[str, Any]:
+        """The /fleet document: the rollout, and every box known."""
+        newest = snapshot.latest.version if snapshot.latest else None
+        with self._lock:    # copied as tuples under the lock; requests wait for no sorting or JSON
+            rows = [(record.box, record.box_id, record.address, record.first_seen, record.last_seen, record.reported,
+                     record.offered, record.offered_version, record.downloaded(),
+                     record.state(newest, self.silent_after, now)) for record in self._boxes.values()]
+        rows.sort()
+        keys = ("box", "id", "address", "first_seen", "last_seen", "reported_version", "offered", "offered_version",
+                "downloaded", "state")
+        return {"rollout": self.summary(snapshot, now), "boxes": [dict(zip(keys, row)) for row in rows]}
+
+    def health_notes(self, snapshot: Snapshot, now: float) -> Tuple[bool, List[str]]:
+        """(whether the state can be written, what / should say)."""
+        notes = []
+        summary = self.summary(snapshot, now)
+        if summary["halted"]:
+            notes.append("rollout of %s halted: %s" % (summary["release"], summary["halt_reason"]))
+        if self.policy_problem:
+            notes.append(self.policy_problem + "; the last good policy stays in force")
+        if self.state_problem:
+            notes.append(self.state_problem)
+        return self.state_problem is None, notes
+
+    def metric_families(self, snapshot: Snapshot, now: float) -> List["MetricFamily"]:
+        """Boxes by reported VERSION (offered ones; else "other" or "unknown") and by state, the share, failures,
+        halts: labels stay bounded whatever boxes send."""
+        offered = {update.version for update in snapshot.updates}
+        newest = snapshot.latest.version if snapshot.latest else None
+        by_version: Dict[str, int] = {}
+        by_state = {state: 0 for state in BOX_STATES}
+        with self._lock:
+            for record in self._boxes.values():
+                label = ("unknown" if record.reported is None
+                         else str(record.reported) if record.reported in offered else "other")
+                by_version[label] = by_version.get(label, 0) + 1
+                by_state[record.state(newest, self.silent_after, now)] += 1
+            halts = self.halts
+        summary = self.summary(snapshot, now)
+        return [
+            ("box_update_server_rollout_boxes", "gauge", "Boxes known, by the VERSION they report.",
+             [({"version": label}, count) for label, count in sorted(by_version.items())]),
+            ("box_update_server_rollout_box_states", "gauge", "Boxes known, by rollout state.",
+             [({"state": state}, count) for state, count in sorted(by_state.items())]),
+            ("box_update_server_rollout_eligible_share", "gauge",
+             "Share of the fleet the newest release's waves have reached.", [({}, summary["eligible_share"])]),
+            ("box_update_server_rollout_failures", "gauge", "Boxes that failed to install the newest release.",
+             [({}, summary["failures"])]),
+            ("box_update_server_rollout_halted", "gauge", "1 when the newest release's rollout is halted.",
+             [({}, int(summary["halted"]))]),
+            ("box_update_server_rollout_halts_total", "counter", "Rollout halts since the server started.",
+             [({}, halts)]),
+        ]
+
+
+def folder_versions(updates_dir: str) -> List[int]:
+    """The VERSIONs of the update archives in the folder now (what a new rollout state counts as rolled out)."""
+    try:
+        names = os.listdir(updates_dir)
+    except OSError:
+        return []
+    return [int(digits) for digits in (version_digits(name) for name in names) if digits is not None]
+
+
+def open_rollout(settings: Settings, snapshot: Callable[[], Snapshot]) -> Optional[Rollout]:
+    """The rollout these settings ask for (None without a policy); SettingsError when it cannot be used."""
+    if settings.rollout is None or settings.state_dir is None:
+        return None
+    store = FleetStore(settings.state_dir)
+    try:
+        return Rollout(settings.rollout, store, snapshot, folder_versions(settings.updates_dir),
+                       settings.silent_after_hours, settings.max_boxes)
+    except SettingsError:
+        store.close()
+        raise
+
+
+# ---------------------------------------------------------------------------
+# 6. HTTP rules (RFC 9110, RFC 9112), pure functions
 # ---------------------------------------------------------------------------
 
 class BadRequest(Exception):
@@ -2865,6 +3761,7 @@ def format_http_date(seconds: int) -> str:
 CACHE_IMMUTABLE = "public, max-age=31536000, immutable"
 CACHE_REVALIDATE = "no-cache"
 CACHE_NEVER = "no-store"
+CACHE_PER_BOX = "private, no-store"     # /latest under a rollout policy: one box's own answer (RFC 9111 §5.2.2.7)
 
 
 class FileBody(NamedTuple):
@@ -2874,6 +3771,7 @@ class FileBody(NamedTuple):
     length: int
     identity: FileIdentity          # what the file must still be between pieces
     name: str
+    ended: Optional[Callable[[bool], None]] = None     # told, once sent, whether every byte went out
 
 
 class Answer(NamedTuple):
@@ -2954,7 +3852,7 @@ def tcp_corked(connection: socket.socket) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------
-# 6. Metrics
+# 7. Metrics
 # ---------------------------------------------------------------------------
 
 SMALL_ROUTES = ("/", "/ls", "/latest", "/version")
@@ -3003,8 +3901,9 @@ class Metrics:
                 buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
                 self.duration_sums[route] += seconds
 
-    def render(self, snapshot: Snapshot, connections: ConnectionCounts, checking_seconds: float) -> bytes:
-        """The Prometheus text exposition format 0.0.4."""
+    def render(self, snapshot: Snapshot, connections: ConnectionCounts, checking_seconds: float,
+               extra: Sequence[MetricFamily] = ()) -> bytes:
+        """The Prometheus text exposition format 0.0.4; extra families (the rollout's) at the end."""
         out = MetricsWriter()
         with self._lock:
             out.family("box_update_server_requests_total", "counter", "HTTP requests answered, by route and status.",
@@ -3048,6 +3947,8 @@ class Metrics:
                    [({}, round(self.started, 3))])
         out.family("box_update_server_build_info", "gauge", "This server's version and the Python running it.",
                    [({"version": __version__, "python": "%d.%d.%d" % sys.version_info[:3]}, 1)])
+        for name, kind, help_text, samples in extra:
+            out.family(name, kind, help_text, samples)
         return out.text().encode("utf-8")
 
 
@@ -3089,7 +3990,7 @@ class MetricsWriter:
 
 
 # ---------------------------------------------------------------------------
-# 7. HTTP/1.1 connections: the protocol layer
+# 8. HTTP/1.1 connections: the protocol layer
 # ---------------------------------------------------------------------------
 # Reads request heads under their deadlines, frames answers, writes every answer through
 # send_answer, logs one access line a request.  What a request means is the routes' business.
@@ -3360,10 +4261,14 @@ class ConnectionHandler(http.server.BaseHTTPRequestHandler):
             return
         self.ranged = answer.status == 206
         self.download = (answer.file.name, False)
-        with tcp_corked(self.connection):   # headers and body in full segments, as nginx's tcp_nopush
-            self.wfile.flush()
-            self.send_file_body(answer.file)
-        self.download = (answer.file.name, True)
+        try:
+            with tcp_corked(self.connection):   # headers and body in full segments, as nginx's tcp_nopush
+                self.wfile.flush()
+                self.send_file_body(answer.file)
+            self.download = (answer.file.name, True)
+        finally:
+            if answer.file.ended is not None:
+                answer.file.ended(self.download[1])
 
     def send_file_body(self, body: FileBody) -> None:
         """sendfile(2) the body, looking between copy_chunk pieces that the file is unchanged.
@@ -3457,7 +4362,7 @@ class ConnectionHandler(http.server.BaseHTTPRequestHandler):
 
 
 # ---------------------------------------------------------------------------
-# 8. Routes: the application
+# 9. Routes: the application
 # ---------------------------------------------------------------------------
 
 NOT_FOUND = "Resource not found."
@@ -3465,18 +4370,19 @@ NO_UPDATES = "Update dir does not contain any valid updates."
 
 
 class UpdateRoutes:
-    """What each route answers: /, /ls, /latest, /version, /metrics and /update/<name>[.sha256|.sig].
+    """What each route answers: /, /ls, /latest, /version, /metrics, /fleet and /update/<name>[.sha256|.sig].
 
     One instance serves every connection; each route is a function of the request and the
     catalog's snapshot, for GET and HEAD alike (the protocol layer leaves HEAD's body out).
     """
 
     def __init__(self, settings: Settings, catalog: Catalog, metrics: Metrics,
-                 connection_counts: Callable[[], "ConnectionCounts"]) -> None:
+                 connection_counts: Callable[[], "ConnectionCounts"], rollout: Optional[Rollout] = None) -> None:
         self.settings = settings
         self.catalog = catalog
         self.metrics = metrics
         self.connection_counts = connection_counts
+        self.rollout = rollout
 
     def respond(self, request: Request) -> Answer:
         """The table of contents."""
@@ -3488,11 +4394,13 @@ class UpdateRoutes:
         if path == "/ls":
             return self.listing(request)
         if path == "/latest":
-            return self.latest()
+            return self.latest(request)
         if path == "/version":
             return self.version(request)
         if path == "/metrics":
             return self.prometheus_metrics(request)
+        if path == "/fleet":
+            return self.fleet(request)
         if path == "/status":
             return self.status(request)
         if path.startswith("/update/") and path.endswith(".sha256"):
@@ -3519,6 +4427,10 @@ class UpdateRoutes:
             notes.append("%d update(s) waiting for a signature" % snapshot.unsigned)
         if snapshot.waiting:
             notes.append("%d file(s) waiting to be checked" % snapshot.waiting)
+        if self.rollout is not None:
+            state_ok, rollout_notes = self.rollout.health_notes(snapshot, time.time())
+            health["ok"] = health["ok"] and state_ok
+            notes += rollout_notes
         if notes:
             health["info"] = "; ".join(notes)
         return Answer(200, "/", json.dumps(health).encode("utf-8"), "application/json")
@@ -3528,13 +4440,18 @@ class UpdateRoutes:
         return cacheable_answer(request.headers, self.catalog.snapshot.listing, "text/plain", CACHE_REVALIDATE,
                                 "/ls")
 
-    def latest(self) -> Answer:
-        """303 to the newest update, relative so it also works under a proxy's path prefix."""
+    def latest(self, request: Request) -> Answer:
+        """303 to the newest update, relative so it also works under a proxy's path prefix; under a rollout
+        policy, to the update the policy gives this box, an answer no cache may give another."""
         snapshot = self.catalog.snapshot
-        latest = snapshot.latest
+        if self.rollout is None:
+            latest, cache = snapshot.latest, CACHE_REVALIDATE
+        else:
+            latest = self.rollout.answer_latest(snapshot, read_box_headers(request.headers), request.client)
+            cache = CACHE_PER_BOX
         if latest is None:
             return text_answer(404, NOT_FOUND, "/latest") if snapshot.first_look_done else not_yet_answer("/latest")
-        return Answer(303, "/latest", fields=(("Location", "update/" + latest.name),))
+        return Answer(303, "/latest", fields=(("Location", "update/" + latest.name),), cache=cache)
 
     def version(self, request: Request) -> Answer:
         """/version: the newest VERSION as text."""
@@ -3549,9 +4466,17 @@ class UpdateRoutes:
         """Prometheus metrics, for the addresses metrics_allow lists (judged on the client, not the proxy)."""
         if not in_networks(parse_address(request.client), self.settings.metrics_allow):
             return text_answer(404, NOT_FOUND, "/metrics")
-        body = self.metrics.render(self.catalog.snapshot, self.connection_counts(), self.catalog.checking_seconds)
+        snapshot = self.catalog.snapshot
+        extra = self.rollout.metric_families(snapshot, time.time()) if self.rollout is not None else []
+        body = self.metrics.render(snapshot, self.connection_counts(), self.catalog.checking_seconds, extra)
         return Answer(200, "/metrics", body, "text/plain; version=0.0.4; charset=utf-8", cache=CACHE_NEVER)
 
+    def fleet(self, request: Request) -> Answer:
+        """/fleet: the rollout and every box known, as JSON, for the addresses metrics_allow lists."""
+        if self.rollout is None or not in_networks(parse_address(request.client), self.settings.metrics_allow):
+            return text_answer(404, NOT_FOUND, "/fleet")
+        body = json.dumps(self.rollout.fleet(self.catalog.snapshot, time.time())).encode("utf-8")
+        return Answer(200, "/fleet", body, "application/json", cache=CACHE_NEVER)
     def status(self, request: Request) -> Answer:
         """Every file in the updates folder with its verdict and why, for the addresses metrics_allow lists."""
         if not in_networks(parse_address(request.client), self.settings.metrics_allow):
@@ -3594,10 +4519,20 @@ class UpdateRoutes:
                 if update.checked:
                     return text_answer(404, NOT_FOUND, "/update")     # not the file that was checked
             answer = download_answer(request, update, identity, descriptor)
+            if self.rollout is not None and answer.file is not None:
+                answer = answer._replace(file=answer.file._replace(ended=functools.partial(
+                    self.download_ended, request, update, answer.file.first + answer.file.length == identity.size)))
             return answer
         finally:
             if answer is None or answer.file is None:     # otherwise the protocol layer closes it once sent
                 os.close(descriptor)
+
+
+    def download_ended(self, request: Request, update: Update, to_the_end: bool, every_byte: bool) -> None:
+        """The rollout notes who downloaded what: completely when every byte up to the file's end went out."""
+        if self.rollout is not None and request.method == "GET":
+            self.rollout.record_download(read_box_headers(request.headers), request.client, update,
+                                         to_the_end and every_byte)
 
 
 def not_yet_answer(route: str) -> Answer:
@@ -3622,7 +4557,7 @@ def download_answer(request: Request, update: Update, identity: FileIdentity, de
 
 
 # ---------------------------------------------------------------------------
-# 9. Server
+# 10. Server
 # ---------------------------------------------------------------------------
 
 REFUSALS = {
@@ -3857,9 +4792,11 @@ class BoxUpdateServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, settings: Settings, catalog: Catalog, access_log: Optional[AccessLog] = None,
                  routes: Callable[..., UpdateRoutes] = UpdateRoutes,
-                 handler: Callable[..., ConnectionHandler] = ConnectionHandler) -> None:
+                 handler: Callable[..., ConnectionHandler] = ConnectionHandler,
+                 rollout: Optional[Rollout] = None) -> None:
         self.settings = settings
         self.catalog = catalog
+        self.rollout = rollout
         self.metrics = Metrics()
         self.connections = ConnectionTable(settings.max_connections, settings.max_connections_per_client,
                                            settings.max_downloads)
@@ -3867,7 +4804,7 @@ class BoxUpdateServer(http.server.ThreadingHTTPServer):
         self.signers_file = WatchedFile(settings.allowed_signers or "")
         self.keys_judged_at = time.time()
         self._keys_stopping = threading.Event()
-        self.routes = routes(settings, catalog, self.metrics, self.connections.counts)
+        self.routes = routes(settings, catalog, self.metrics, self.connections.counts, rollout=rollout)
         self.context = ProtocolContext(settings.idle_timeout, settings.request_header_timeout,
                                        settings.trusted_proxies, settings.forwarded_header, self.connections,
                                        access_log or AccessLog(), self.metrics, lambda: self.stopping)
@@ -3929,6 +4866,8 @@ class BoxUpdateServer(http.server.ThreadingHTTPServer):
             self.reload_keys("SIGHUP")
         else:
             self.catalog.reload(None)
+        if self.rollout is not None:
+            self.rollout.reload()
         logger.info("SIGHUP: rescanned %s", self.settings.updates_dir)
 
     def reload_keys(self, why: str) -> None:
@@ -4002,10 +4941,14 @@ def make_server(settings: Settings, access_log: Optional[AccessLog] = None) -> B
         signers = loaded.signers
     check_updates_dir(settings.updates_dir)
     catalog = Catalog(settings.updates_dir, verify=settings.verify_updates, signers=signers,
-                      principals=settings.signer_principals, max_expanded_bytes=settings.max_expanded_bytes)
+                      principals=settings.signer_principals, max_expanded_bytes=settings.max_expanded_bytes,
+                      verdicts=VerdictStore(settings.state_dir) if settings.state_dir else None)
+    rollout = open_rollout(settings, lambda: catalog.snapshot)
     try:
-        server = BoxUpdateServer(settings, catalog, access_log=access_log)
+        server = BoxUpdateServer(settings, catalog, access_log=access_log, rollout=rollout)
     except OSError as error:
+        if rollout is not None:
+            rollout.store.close()
         if error.errno == errno.EADDRINUSE:
             raise SettingsError("port %d is already in use" % settings.port) from None
         raise SettingsError("cannot listen on %s:%d: %s"
@@ -4013,6 +4956,8 @@ def make_server(settings: Settings, access_log: Optional[AccessLog] = None) -> B
     catalog.start()
     if settings.allowed_signers:
         threading.Thread(target=server.watch_keys, name="keys-watcher", daemon=True).start()
+    if rollout is not None:
+        rollout.start()
     return server
 
 
@@ -4054,12 +4999,14 @@ def serve(server: BoxUpdateServer) -> int:
     server.serve_forever()
     server.stop(server.settings.shutdown_grace)
     server.catalog.stop()
+    if server.rollout is not None:
+        server.rollout.stop()
     logger.info("stopped")
     return 0
 
 
 # ---------------------------------------------------------------------------
-# 10. Command line
+# 11. Command line
 # ---------------------------------------------------------------------------
 
 def check_files(paths: Sequence[str], signers: Optional[Sequence[AllowedSigner]] = None,
@@ -4135,6 +5082,45 @@ def probe_health(settings: Settings) -> int:
     return 0 if healthy else 1
 
 
+def print_fleet(settings: Settings) -> int:
+    """``fleet``: the running server's /fleet as a table: the rollout, then one line per box; 1 if it cannot say."""
+    try:
+        status, body = ask_server(settings, "/fleet")
+        fleet = json.loads(body.decode("utf-8")) if status == 200 else None
+    except (OSError, ValueError) as error:
+        print("box_update_server: error: cannot ask the server: %s" % error, file=sys.stderr)
+        return 1
+    if not isinstance(fleet, dict):
+        print("box_update_server: error: the server answered /fleet with %d (is a rollout policy set, and this "
+              "address in metrics_allow?)" % status, file=sys.stderr)
+        return 1
+    for line in fleet_table(fleet, time.time()):
+        print(line)
+    return 0
+
+
+def fleet_table(fleet: Mapping[str, Any], now: float) -> List[str]:
+    """The lines ``fleet`` prints: the rollout in a sentence, then the boxes in aligned columns."""
+    rollout = fleet["rollout"]
+    if rollout["release"] is None:
+        lines = ["no update offered"]
+    else:
+        started = ("started %s" % time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(rollout["started"]))
+                   if rollout["started"] else "rolled out before the rollout state existed")
+        lines = ["%s (VERSION %d): %s; %.0f%% of the fleet eligible; canaries %s; %d failure(s)%s" % (
+            rollout["release"], rollout["version"], started, rollout["eligible_share"] * 100,
+            "done" if rollout["canaries_done"] else "only", rollout["failures"],
+            "; HALTED: %s" % rollout["halt_reason"] if rollout["halted"] else "")]
+    header = ("BOX", "ADDRESS", "REPORTED", "OFFERED", "DOWNLOADED", "STATE", "LAST SEEN")
+    rows = [header] + [(box["box"], box["address"], str(box["reported_version"] or "-"),
+                        str(box["offered_version"] or "-"), "yes" if box["downloaded"] else "no", box["state"],
+                        "%.0f s ago" % max(0.0, now - box["last_seen"])) for box in fleet["boxes"]]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+    lines.append("%d box(es)" % len(fleet["boxes"]))
+    lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    return lines
+
+
 def print_status(settings: Settings) -> int:
     """``status``: every file in the running server's updates folder, its verdict and why; 1 if it cannot say."""
     try:
@@ -4155,7 +5141,7 @@ def print_status(settings: Settings) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Run the server (the default), ``health`` or ``check``; return the exit status."""
+    """Run the server (the default), ``health``, ``fleet`` or ``check``; return the exit status."""
     parser = argparse.ArgumentParser(
         prog="box_update_server.py",
         description="Serve OPQ Box updates. Configured by the JSON in %s." % SETTINGS_VARIABLE)
@@ -4163,6 +5149,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("serve", help="run the server (the default)")
     commands.add_parser("health", help="exit 0 if the configured server answers ok on /, 1 if not")
+    commands.add_parser("fleet", help="print the configured server's rollout and every box it knows (/fleet)")
     commands.add_parser("status", help="list every file in the configured server's updates folder, its verdict "
                                        "and why")
     check = commands.add_parser("check", help="check update archives as the server would, before publishing")
@@ -4195,6 +5182,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 % arguments.command)
         if arguments.command == "health":
             return probe_health(settings)
+        if arguments.command == "fleet":
+            return print_fleet(settings)
         if arguments.command == "status":
             return print_status(settings)
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(message)s")

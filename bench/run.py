@@ -23,7 +23,9 @@ shown, which other load on the machine disturbs less.  Measured:
   still unanswered when it stops; then the memory each idle keep-alive connection costs;
 - one large download, peak memory, ``/`` latency during slow downloads, cost growth with the folder's size;
 - one Ed25519 and one RSA-3072 signature verification, and checking a large signed archive against
-  ``bzip2 -dc | sha512sum``.
+  ``bzip2 -dc | sha512sum``;
+- ``/latest`` with a staged rollout under way and --boxes boxes known (each request from one of them, by
+  ``X-OPQ-Box-Id``) against ``/latest`` without a policy, in turns; and the time to load that state at start.
 
 Prints Markdown tables of every figure, the ratios (this server / peer) and a verdict for each target (the
 list is ``targets()``).  The open-files limit is raised to its hard limit at start, for us and (inherited)
@@ -140,6 +142,9 @@ def targets(options):
         ("growth", "`/latest` with %d updates >= 0.8 x with %d" % (max(options.scale), min(options.scale))),
         ("signed archive", "checking a signed %d MB archive >= 0.8 x `bzip2 -dc \\| sha512sum` (goal)"
          % options.large_mb),
+        ("rollout", "`/latest` at %d connections with a rollout under way and %d boxes known >= 0.8 x without a "
+         "policy (goal)" % (max(options.connections), options.boxes)),
+        ("rollout load", "the state of %d boxes loaded at start in < 1 s" % options.boxes),
     ]
     return listed
 
@@ -475,11 +480,12 @@ class WrkRun:
         return self.socket_errors + self.timeouts + self.bad_statuses
 
 
-def wrk(port, path, connections, duration, timeout=None, latency=False):
-    """One wrk run over keep-alive connections."""
+def wrk(port, path, connections, duration, timeout=None, latency=False, script=None):
+    """One wrk run over keep-alive connections (each request made by script, a Lua file, if given)."""
     command = ["wrk", "-t%d" % min(connections, 2), "-c%d" % connections, "-d%ds" % duration]
     command += ["--timeout", "%ds" % timeout] if timeout else []
     command += ["--latency"] if latency else []
+    command += ["--script", script] if script else []
     finished = subprocess.run(command + ["http://127.0.0.1:%d%s" % (port, path)], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, check=True)
     return WrkRun(finished.stdout.decode(), connections)
@@ -972,6 +978,90 @@ def measure_growth(report, workdir, options):
                  latest_rps[largest] >= 0.8 * latest_rps[smallest])
 
 
+# Each request from one of the known boxes, at random (math.random: each wrk thread has its own Lua state).
+ROLLOUT_WRK_SCRIPT = """
+request = function()
+   return wrk.format(nil, nil, {["X-OPQ-Box-Id"] = "box-" .. math.random(0, %d - 1),
+                                ["X-OPQ-Box-Version"] = "%d"})
+end
+"""
+
+
+def write_rollout_state(state_dir, boxes, old, new, started):
+    """A state of boxes boxes (each offered one of two releases, as the waves would have it), new rolling out."""
+    bus = support.bus
+    store = bus.FleetStore(state_dir)
+    now = time.time()
+    rows = []
+    for number in range(boxes):
+        record = bus.BoxRecord("box-%d" % number, "box-%d" % number, "10.%d.%d.%d" % (
+            number >> 16 & 255, number >> 8 & 255, number & 255), now - 86400)
+        record.last_seen, record.reported = now - number, old
+        record.offered_version = new if bus.wave_position(record.box, new) < 0.5 else old
+        record.offered = "opq-box-update-%d.tar.bz2" % record.offered_version
+        rows.append(record.row())
+    clocks = [bus.ReleaseClock(old, 0.0, 0.0, None, False, 0, 0),
+              bus.ReleaseClock(new, started, 0.0, None, False, 0, 0)]
+    store.write({"baseline": str(old)}, clocks, rows, [])
+    store.close()
+
+
+def measure_rollout(report, workdir, options):
+    """/latest with a rollout half-way through its waves and options.boxes boxes known, against no policy."""
+    top = max(options.connections)
+    folder, state = os.path.join(workdir, "rollout-updates"), os.path.join(workdir, "rollout-state")
+    os.mkdir(folder)
+    os.mkdir(state)
+    old, new = SMALL_VERSION, SMALL_VERSION + 1
+    write_small_updates(folder, 2, old)
+    policy = os.path.join(workdir, "rollout.json")
+    with open(policy, "w") as policy_file:
+        json.dump({"canaries": ["box-0", "box-1"], "canary_hours": 0, "waves_hours": 2}, policy_file)
+    write_rollout_state(state, options.boxes, old, new, time.time() - 3600)
+
+    bus = support.bus
+    settings = bus.Settings(port=1, updates_dir=folder, rollout=policy, state_dir=state)
+    load_ms = []
+    for _ in range(5):
+        started = time.perf_counter()
+        loaded_rollout = bus.open_rollout(settings, lambda: bus.EMPTY_SNAPSHOT)
+        load_ms.append((time.perf_counter() - started) * 1000)
+        loaded_rollout.store.close()
+
+    script = os.path.join(workdir, "rollout.lua")
+    with open(script, "w") as lua:
+        lua.write(ROLLOUT_WRK_SCRIPT % (options.boxes, old))
+    with Servers() as servers:
+        plain = servers.add(start_box_server("no policy", folder, log=log_file(workdir, "rollout-off")))
+        rolling = servers.add(start_box_server("rollout", folder, log=log_file(workdir, "rollout-on"),
+                                               rollout=policy, state_dir=state))
+        fleet = json.loads(get(rolling.port, "/fleet")[1])
+        if len(fleet["boxes"]) != options.boxes or not 0 < fleet["rollout"]["eligible_share"] < 1:
+            raise RuntimeError("the rollout state is not as written: %d boxes, share %s"
+                               % (len(fleet["boxes"]), fleet["rollout"]["eligible_share"]))
+
+        def latest(server):
+            run = wrk(server.port, "/latest", top, options.duration, script=script)
+            if run.errors:
+                raise RuntimeError("wrk saw errors on /latest: %s" % run.output)
+            return run
+
+        runs = interleaved([(name, functools.partial(loaded, server, functools.partial(latest, server)))
+                            for name, server in (("off", plain), ("on", rolling))], options.rounds)
+    rps = {name: median([run.rps for run in results]) for name, results in runs.items()}
+    cpu = {name: median([run.cpu_us for run in results]) for name, results in runs.items()}
+    report.table("`/latest` with a rollout under way (%d boxes known, %d connections, req/s and server CPU us per "
+                 "request, medians of %d interleaved runs)" % (options.boxes, top, options.rounds),
+                 ["policy", "req/s", "CPU us/request"],
+                 [["none", "%.0f" % rps["off"], "%.0f" % cpu["off"]],
+                  ["rollout, waves half-way", "%.0f (%.2f)" % (rps["on"], ratio(rps["on"], rps["off"])),
+                   "%.0f" % cpu["on"]]])
+    report.table("Loading the rollout state at start (%d boxes; `open_rollout`, 5 runs, ms)" % options.boxes,
+                 ["median", "max"], [["%.0f" % median(load_ms), "%.0f" % max(load_ms)]])
+    report.judge("rollout", "%.2f" % ratio(rps["on"], rps["off"]), rps["on"] >= 0.8 * rps["off"])
+    report.judge("rollout load", "%.0f ms" % median(load_ms), median(load_ms) < 1000)
+
+
 def measure_signatures(report, workdir, archive, options):
     """One Ed25519 and one RSA-3072 verification, then a signed archive checked against bzip2 -dc | sha512sum."""
     keygen = shutil.which("ssh-keygen")
@@ -1138,6 +1228,7 @@ def run(options):
         large_archive_measurements(report, workdir, large_folder, os.path.basename(large_path), nginx, options)
         measure_growth(report, workdir, options)
         measure_signatures(report, workdir, large_path, options)
+        measure_rollout(report, workdir, options)
         return report
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -1164,6 +1255,7 @@ def parse_options(argv=None):
     parser.add_argument("--signature-runs", type=int, default=50, help="verifications timed per key (50)")
     parser.add_argument("--baseline-rev", default="HEAD",
                         help="git revision of the server for 'no worse than today against nginx' (HEAD; '' for none)")
+    parser.add_argument("--boxes", type=int, default=10000, help="boxes known to the rollout (10000)")
     parser.add_argument("--no-nginx", action="store_true", help="leave nginx out")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the smoke test")
     parser.add_argument("--output", help="also write the Markdown report to this file")
@@ -1173,6 +1265,7 @@ def parse_options(argv=None):
         options.runs, options.slow_clients, options.probes, options.scale = 1, 2, 10, [5, 20]
         options.routes, options.connections, options.rounds = ["/"], [1, 8], 1
         options.fleet, options.fleet_duration, options.signature_runs = 200, 3, 5
+        options.boxes = 200
     return options
 
 
