@@ -95,6 +95,8 @@ class EveryRouteAndStatusTest(TempDirTestCase):
             ("GET", "/latest", (), 303, "no-cache"),
             ("GET", "/version", (), 500, "no-cache"),
             ("GET", "/metrics", (), 200, "no-store"),
+            ("GET", "/status", (), 200, "no-store"),
+            ("GET", "/fleet", (), 404, "no-cache"),          # no rollout here: test_fleet covers its 200
             ("GET", update, (), 200, bus.CACHE_IMMUTABLE),
             ("HEAD", update, (), 200, bus.CACHE_IMMUTABLE),
             ("GET", update, ("Range: bytes=0-9",), 206, bus.CACHE_IMMUTABLE),

@@ -9,7 +9,7 @@ import time
 import unittest
 from unittest import mock
 
-from support import (SERVER, InProcessServer, TempDirTestCase, archive_bytes, bus, make_update, publish,
+from support import (SERVER, InProcessServer, ServerProcess, TempDirTestCase, archive_bytes, bus, make_update, publish,
                      python_executable, update_members, wait_until)
 
 
@@ -192,6 +192,33 @@ class CheckFolderTest(TempDirTestCase):
         status, lines = self.check("--allowed-signers", keys, path)
         self.assertEqual(status, 1)
         self.assertEqual(lines, ["WAITING   %s: waits for its signature opq-box-update-5.tar.bz2.sig" % path])
+
+
+class QuickRestartTest(TempDirTestCase):
+    """With state_dir, a restart offers at once everything that was offered, before any archive is read again."""
+
+    def test_a_restart_offers_what_was_offered_before_reading_any_archive(self):
+        for version in (5, 6, 7):
+            make_update(self.updates, version, mtime=time.time() - 60)
+        state = os.path.join(self.tmp, "state")
+        os.mkdir(state)
+        server = self.start_server(state_dir=state)
+        listing = server.get("/ls").body
+        self.assertEqual(len(listing.split(b"\n")), 3)
+        self.assertEqual(server.stop(), 0)
+        # The restarted server leaves every file it has no verdict for waiting (as if still being copied in):
+        # only remembered verdicts can offer anything.
+        restarted = ServerProcess(self.updates, timing={"CheckQueue.SETTLE_SECONDS": 3600}, state_dir=state)
+        self.addCleanup(restarted.__exit__)
+        restarted.start(wait_for_checks=False)
+        self.assertEqual(restarted.get("/ls").body, listing)
+        self.assertEqual(restarted.get("/latest").status, 303)
+        self.assertTrue(wait_until(lambda: "first look at %s: 3 update(s) offered" % self.updates in restarted.log(),
+                                   5), restarted.log())
+        publish(os.path.join(self.updates, "opq-box-update-8.tar.bz2"), archive_bytes(update_members(8)),
+                mtime=time.time() - 60)
+        time.sleep(1)
+        self.assertEqual(restarted.get("/version").body, b"7", "a new file is no remembered verdict")
 
 
 if __name__ == "__main__":
