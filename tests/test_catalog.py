@@ -250,7 +250,8 @@ class FolderChangesTest(CatalogTestCase):
         started = time.monotonic()
         self.assertTrue(wait_until(lambda: os.path.basename(victim) not in catalog.snapshot.by_name, 10))
         self.assertLess(time.monotonic() - started, 4.0, "withdrawn within 2 s (twice that on a busy machine)")
-        self.assertTrue(wait_until(lambda: catalog.snapshot.rejected == 1, 5))
+        # rejected once it has stopped changing (QUIET_SECONDS after the truncation), not before
+        self.assertTrue(wait_until(lambda: catalog.snapshot.rejected == 1, bus.Catalog.QUIET_SECONDS + 10))
 
     def test_an_update_rewritten_in_place_with_its_size_and_mtime_kept_is_checked_again(self):
         """Only the change time tells: the same inode and size, the modification time put back with utime."""
@@ -280,11 +281,11 @@ class FolderChangesTest(CatalogTestCase):
             return real_open(opened)
         with mock.patch("box_update_server.open_regular_file", side_effect=sometimes_denied):
             catalog = self.catalog()
-            self.assertTrue(wait_until(lambda: catalog.snapshot.rejected == 1, 5))
+            self.assertTrue(wait_until(lambda: catalog.snapshot.rejected == 1, 10))
             self.assertEqual(catalog.snapshot.updates, ())
             denied.clear()
             os.chmod(path, 0o644)     # the operator fixes the mode: only the change time moves
-            self.assertTrue(wait_until(lambda: self.names(catalog) == [os.path.basename(path)], 5))
+            self.assertTrue(wait_until(lambda: self.names(catalog) == [os.path.basename(path)], 10))
 
     def test_a_fifo_renamed_onto_an_update_name_blocks_nothing(self):
         shorten_watcher_timing(self)
@@ -426,7 +427,7 @@ class SlowChecksTest(TempDirTestCase):
                 catalog = bus.Catalog(self.updates)
                 catalog.start()
                 self.addCleanup(catalog.stop)
-                self.assertTrue(wait_until(lambda: catalog.snapshot.rejected == 1, 5))
+                self.assertTrue(wait_until(lambda: catalog.snapshot.rejected == 1, 10))
         self.assertEqual(catalog.snapshot.waiting, 0)
 
 
