@@ -5051,7 +5051,7 @@ def check_files(paths: Sequence[str], signers: Optional[Sequence[AllowedSigner]]
 def ask_server(settings: Settings, path: str) -> Tuple[int, bytes]:
     """GET path from the server these settings describe (a wildcard address through loopback).
 
-    OSError, ValueError or http.client.HTTPException when it cannot be asked; the message names the address.
+    OSError, its message naming the address, when it cannot be asked.
     """
     host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(settings.host, settings.host)  # nosec
     address = "http://%s:%d%s" % ("[%s]" % host if ":" in host else host, settings.port, path)
@@ -5064,6 +5064,20 @@ def ask_server(settings: Settings, path: str) -> Tuple[int, bytes]:
         raise OSError("%s: %s" % (address, error)) from None
     finally:
         connection.close()
+
+
+def ask_server_report(settings: Settings, path: str, hint: str) -> Optional[Dict[str, Any]]:
+    """The JSON object the server answers on path; None, after one line on stderr saying why, when there is none."""
+    try:
+        status, body = ask_server(settings, path)
+        report = json.loads(body.decode("utf-8")) if status == 200 else None
+    except (OSError, ValueError) as error:
+        print("box_update_server: error: cannot ask the server: %s" % error, file=sys.stderr)
+        return None
+    if not isinstance(report, dict):
+        print("box_update_server: error: the server answered %s with %d (%s)" % (path, status, hint), file=sys.stderr)
+        return None
+    return report
 
 
 def probe_health(settings: Settings) -> int:
@@ -5084,15 +5098,8 @@ def probe_health(settings: Settings) -> int:
 
 def print_fleet(settings: Settings) -> int:
     """``fleet``: the running server's /fleet as a table: the rollout, then one line per box; 1 if it cannot say."""
-    try:
-        status, body = ask_server(settings, "/fleet")
-        fleet = json.loads(body.decode("utf-8")) if status == 200 else None
-    except (OSError, ValueError) as error:
-        print("box_update_server: error: cannot ask the server: %s" % error, file=sys.stderr)
-        return 1
-    if not isinstance(fleet, dict):
-        print("box_update_server: error: the server answered /fleet with %d (is a rollout policy set, and this "
-              "address in metrics_allow?)" % status, file=sys.stderr)
+    fleet = ask_server_report(settings, "/fleet", "is a rollout policy set, and this address in metrics_allow?")
+    if fleet is None:
         return 1
     for line in fleet_table(fleet, time.time()):
         print(line)
@@ -5123,15 +5130,8 @@ def fleet_table(fleet: Mapping[str, Any], now: float) -> List[str]:
 
 def print_status(settings: Settings) -> int:
     """``status``: every file in the running server's updates folder, its verdict and why; 1 if it cannot say."""
-    try:
-        status, body = ask_server(settings, "/status")
-        report = json.loads(body.decode("utf-8")) if status == 200 else None
-    except (OSError, ValueError) as error:
-        print("box_update_server: error: cannot ask the server: %s" % error, file=sys.stderr)
-        return 1
-    if not isinstance(report, dict):
-        print("box_update_server: error: the server answered /status with %d (is this address in metrics_allow?)"
-              % status, file=sys.stderr)
+    report = ask_server_report(settings, "/status", "is this address in metrics_allow?")
+    if report is None:
         return 1
     print("updates folder %s%s" % (report.get("folder"), ": %s" % report["problem"] if report.get("problem") else ""))
     for entry in report.get("files", []):
