@@ -104,6 +104,17 @@ def tar_bytes(members):
     return buffer.getvalue()
 
 
+def pax_records(records):
+    """The body of a pax extended header: each " key=value\\n" record led by its own length in decimal (POSIX pax)."""
+    body = b""
+    for key, value in records:
+        record = b" %s=%s\n" % (key, value)
+        length = len(record) + len(str(len(record)))
+        length += len(str(length)) - len(str(len(record)))
+        body += str(length).encode() + record
+    return body
+
+
 def archive_bytes(members):
     return bz2.compress(tar_bytes(members))
 

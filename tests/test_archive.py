@@ -18,7 +18,7 @@ import tracemalloc
 import unittest
 
 from support import (ROOT, SERVER, TempDirTestCase, archive_bytes, device_member, dir_member, file_member,
-                     link_member, make_update, publish, python_executable, require_binary, tar_bytes,
+                     link_member, make_update, pax_records, publish, python_executable, require_binary, tar_bytes,
                      update_members, wait_until)
 
 import box_update_server as bus
@@ -319,12 +319,7 @@ def raw_header(name, kind, size, data_blocks=b""):
 
 def pax_header(records, kind=tarfile.XHDTYPE):
     """A pax extended header carrying the given key=value records."""
-    body = b""
-    for key, value in records:
-        record = b" %s=%s\n" % (key, value)
-        length = len(record) + len(str(len(record)))
-        length += len(str(length)) - len(str(len(record)))
-        body += str(length).encode() + record
+    body = pax_records(records)
     return raw_header("././@PaxHeader", kind, len(body), body + b"\0" * (-len(body) % 512))
 
 

@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 import unittest
 
-from support import require_binary
+from support import pax_records, require_binary
 
 import box_update_server as bus
 
@@ -70,12 +70,7 @@ def long_name(name, kind=b"L"):
 
 def pax(records, kind=b"x"):
     """A pax extended header (x, or g for global) holding key=value records."""
-    body = b""
-    for key, value in records:
-        record = b" %s=%s\n" % (key, value)
-        length = len(record) + len(str(len(record)))
-        length += len(str(length)) - len(str(len(record)))
-        body += str(length).encode() + record
+    body = pax_records(records)
     return header(b"./PaxHeaders/x", kind, len(body), magic=USTAR) + padded(body)
 
 
