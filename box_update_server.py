@@ -4477,6 +4477,7 @@ class UpdateRoutes:
             return text_answer(404, NOT_FOUND, "/fleet")
         body = json.dumps(self.rollout.fleet(self.catalog.snapshot, time.time())).encode("utf-8")
         return Answer(200, "/fleet", body, "application/json", cache=CACHE_NEVER)
+
     def status(self, request: Request) -> Answer:
         """Every file in the updates folder with its verdict and why, for the addresses metrics_allow lists."""
         if not in_networks(parse_address(request.client), self.settings.metrics_allow):
