@@ -2316,7 +2316,7 @@ class Catalog:
             try:
                 if self.verify:
                     return ArchiveVerdict(None, check_update_archive(fileobj, candidate.digits,
-                                                                       self.max_expanded_bytes))
+                                                                     self.max_expanded_bytes))
                 return ArchiveVerdict(None, hash_update_file(fileobj))
             except ArchiveError as error:
                 return ArchiveVerdict(str(error), None)
@@ -2765,6 +2765,7 @@ class BoxRecord:
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> "BoxRecord":
+        """The record a row of the boxes table (in COLUMNS order) holds."""
         record = cls(row[0], row[1], row[2], row[3])
         for column, value in zip(cls.COLUMNS[3:], row[3:]):
             setattr(record, column, bool(value) if column == "download_complete" else value)
@@ -2806,15 +2807,17 @@ class FleetStore:
 
     def __init__(self, state_dir: str) -> None:
         if not os.path.isdir(state_dir):
-            raise SettingsError("state_dir %s is %s" % (state_dir, "not a folder" if os.path.exists(state_dir)
-                                                         else "missing"))
+            problem = "not a folder" if os.path.exists(state_dir) else "missing"
+            raise SettingsError("state_dir %s is %s" % (state_dir, problem))
         self.path = os.path.join(state_dir, self.FILE)
-        self.connection: Optional[sqlite3.Connection] = None
         try:
             self.connection = sqlite3.connect(self.path, timeout=5, isolation_level=None, check_same_thread=False)
-            self._prepare(self.connection)
+            try:
+                self._prepare(self.connection)
+            except BaseException:
+                self.connection.close()
+                raise
         except (sqlite3.Error, OSError) as error:
-            self.close()
             raise SettingsError("state %s cannot be used: %s" % (self.path, error)) from None
 
     def _prepare(self, connection: sqlite3.Connection) -> None:
@@ -2843,7 +2846,6 @@ class FleetStore:
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Cursor]:
         """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error."""
-        assert self.connection is not None
         cursor = self.connection.cursor()
         cursor.execute("BEGIN IMMEDIATE")
         try:
@@ -2855,14 +2857,13 @@ class FleetStore:
 
     def load(self) -> Tuple[Dict[str, str], List[ReleaseClock], List[BoxRecord]]:
         """Everything, boxes longest unseen first."""
-        assert self.connection is not None
         try:
             meta = dict(self.connection.execute("SELECT key, value FROM meta").fetchall())
             releases = [ReleaseClock(row[0], row[1], row[2], row[3], bool(row[4]), row[5], row[6]) for row in
                         self.connection.execute("SELECT version, started, paused, halted_since, halted_by_failures,"
                                                 " failures, forgiven FROM releases")]
             boxes = [BoxRecord.from_row(row) for row in self.connection.execute(
-                "SELECT %s FROM boxes ORDER BY last_seen" % ", ".join(BoxRecord.COLUMNS))]
+                "SELECT %s FROM boxes ORDER BY last_seen" % ", ".join(BoxRecord.COLUMNS))]  # nosec: constant names
         except sqlite3.Error as error:
             raise SettingsError("state %s cannot be read: %s" % (self.path, error)) from None
         return meta, releases, boxes
@@ -2878,9 +2879,8 @@ class FleetStore:
             cursor.executemany("DELETE FROM boxes WHERE box = ?", [(box,) for box in forgotten])
 
     def close(self) -> None:
-        if self.connection is not None:
-            self.connection.close()
-            self.connection = None
+        """Close the state; closing it again does nothing, and any use after raises sqlite3.ProgrammingError."""
+        self.connection.close()
 
 
 MetricFamily = Tuple[str, str, str, List[Tuple[Dict[str, str], Union[int, float]]]]   # name, type, help, samples
@@ -2901,7 +2901,7 @@ class Rollout:
     MAX_LOGGED_CLIENTS = 1000    # malformed headers are logged once per client address, for this many
 
     def __init__(self, policy_path: str, store: FleetStore, snapshot: Callable[[], Snapshot],
-                 folder_versions: Iterable[int], silent_after_hours: float = 48.0, max_boxes: int = 100000) -> None:
+                 versions_present: Iterable[int], silent_after_hours: float = 48.0, max_boxes: int = 100000) -> None:
         """Read the policy and the state; SettingsError when either cannot be used."""
         self.policy_path = policy_path
         self.store = store
@@ -2923,7 +2923,7 @@ class Rollout:
         self._meta = meta
         self._meta_dirty: Set[str] = set()
         if "baseline" not in meta:    # a new state: what the folder holds now counts as rolled out already
-            self._set_meta("baseline", str(max(folder_versions, default=0)))
+            self._set_meta("baseline", str(max(versions_present, default=0)))
         self.baseline = int(self._meta["baseline"])
         self._clocks = {clock.version: clock for clock in releases}
         self._clocks_dirty: Set[int] = set()
@@ -3086,9 +3086,9 @@ class Rollout:
             if halted and clock.halted_since is None:
                 self._set_clock(clock._replace(halted_since=now))
                 self.halts += 1
-                logger.warning("rollout: VERSION %d halted by %s", version, "the policy file" if by_file else
-                               "%d failure(s) (halt_after_failures %d)" % (clock.failures - clock.forgiven,
-                                                                          self.policy.halt_after_failures))
+                cause = ("the policy file" if by_file else "%d failure(s) (halt_after_failures %d)"
+                         % (clock.failures - clock.forgiven, self.policy.halt_after_failures))
+                logger.warning("rollout: VERSION %d halted by %s", version, cause)
             elif not halted and clock.halted_since is not None:
                 self._set_clock(clock._replace(halted_since=None, paused=clock.paused + now - clock.halted_since))
                 logger.info("rollout: VERSION %d resumed", version)
@@ -4528,7 +4528,6 @@ class UpdateRoutes:
             if answer is None or answer.file is None:     # otherwise the protocol layer closes it once sent
                 os.close(descriptor)
 
-
     def download_ended(self, request: Request, update: Update, to_the_end: bool, every_byte: bool) -> None:
         """The rollout notes who downloaded what: completely when every byte up to the file's end went out."""
         if self.rollout is not None and request.method == "GET":
@@ -4929,7 +4928,6 @@ class WatchedFile:
         identity = self._identity()
         changed, self.identity = identity != self.identity, identity
         return changed
-
 
 
 def make_server(settings: Settings, access_log: Optional[AccessLog] = None) -> BoxUpdateServer:

@@ -250,6 +250,11 @@ atexit.register(_end_tracked)
 QUICK_TIMING = {"FolderWatcher.POLL_SECONDS": 0.1, "FolderWatcher.RACY_SECONDS": 0.5, "CheckQueue.SETTLE_SECONDS": 0.2}
 
 
+def settings_environment(settings):
+    """This process's environment with BOX_UPDATE_SERVER_SETTINGS holding settings as JSON, as operators set it."""
+    return dict(os.environ, BOX_UPDATE_SERVER_SETTINGS=json.dumps(settings))
+
+
 def shorten_watcher_timing(test, timing=None):
     """Patch the watcher's timing constants (QUICK_TIMING by default) for the rest of test."""
     for name, seconds in (QUICK_TIMING if timing is None else timing).items():
@@ -302,7 +307,7 @@ class ServerProcess:
     def start(self, wait_for_checks=True):
         """Start the server, wait for its start line (and its first checks); stopped and reaped if that fails."""
         settings = dict({"port": 0, "updates_dir": self.updates_dir, "host": "127.0.0.1"}, **self.settings)
-        env = dict(os.environ, BOX_UPDATE_SERVER_SETTINGS=json.dumps(settings))
+        env = settings_environment(settings)
         self.log_file.truncate(0)
         command = self.command or server_command(python_executable(), self.timing)
         if self.user is not None:    # the system Python, which any user can run

@@ -9,7 +9,7 @@ import subprocess
 import unittest
 
 from support import (ROOT, SERVER, TempDirTestCase, end_process, make_update, python_executable, request, track,
-                     wait_for_listening_port, wait_until)
+                     settings_environment, wait_for_listening_port, wait_until)
 
 
 def dockerfile_instructions():
@@ -105,7 +105,7 @@ class ImageCommandLineTest(TempDirTestCase):
             list(arguments)
 
     def environment(self):
-        return dict(os.environ, BOX_UPDATE_SERVER_SETTINGS=json.dumps(self.settings))
+        return settings_environment(self.settings)
 
     def healthcheck(self):
         command = json.loads(instruction("HEALTHCHECK").split("CMD", 1)[1])

@@ -16,7 +16,8 @@ import threading
 import time
 import unittest
 
-from support import SERVER, TempDirTestCase, make_update, python_executable, request, require_binary, wait_until
+from support import (SERVER, TempDirTestCase, make_update, python_executable, request, require_binary,
+                     settings_environment, wait_until)
 
 from test_proxy import PREFIX, Nginx, find_nginx
 
@@ -239,7 +240,6 @@ class FailuresTest(FleetTestCase):
         entry = [entry for entry in self.fleet()["boxes"] if entry["box"] == "box-1"][0]
         self.assertEqual(entry["state"], "current")
 
-
     def test_a_part_of_the_file_is_not_a_complete_download(self):
         self.write_policy(canaries=["box-0"], canary_hours=1)
         server = self.start()
@@ -378,8 +378,8 @@ class AccessAndCommandTest(FleetTestCase):
         self.boxes[0].download(self.base, self.downloads)
         self.boxes[30].ask(self.base)
         command = subprocess.run([python_executable(), SERVER, "fleet"], stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, timeout=30, env=dict(os.environ, BOX_UPDATE_SERVER_SETTINGS=
-                                 json.dumps({"port": server.port, "updates_dir": self.updates, "host": "127.0.0.1"})))
+                                 stderr=subprocess.PIPE, timeout=30, env=settings_environment(
+                                     {"port": server.port, "updates_dir": self.updates, "host": "127.0.0.1"}))
         self.assertEqual(command.returncode, 0, command.stderr)
         table = command.stdout.decode()
         self.assertIn(NEW_NAME, table)
@@ -393,8 +393,8 @@ class AccessAndCommandTest(FleetTestCase):
         answer = server.get("/fleet")
         self.assertEqual(answer.status, 404)
         command = subprocess.run([python_executable(), SERVER, "fleet"], stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, timeout=30, env=dict(os.environ, BOX_UPDATE_SERVER_SETTINGS=
-                                 json.dumps({"port": server.port, "updates_dir": self.updates, "host": "127.0.0.1"})))
+                                 stderr=subprocess.PIPE, timeout=30, env=settings_environment(
+                                     {"port": server.port, "updates_dir": self.updates, "host": "127.0.0.1"}))
         self.assertEqual(command.returncode, 1)
         self.assertIn("404", command.stderr.decode())
 
@@ -454,7 +454,7 @@ class BadInputTest(FleetTestCase):
         settings = {"port": 1, "updates_dir": self.updates, "host": "127.0.0.1", "rollout": self.policy_path,
                     "state_dir": self.state}
         finished = subprocess.run([python_executable(), SERVER], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  timeout=30, env=dict(os.environ, BOX_UPDATE_SERVER_SETTINGS=json.dumps(settings)))
+                                  timeout=30, env=settings_environment(settings))
         stderr = finished.stderr.decode()
         self.assertEqual(finished.returncode, 1, stderr)
         self.assertEqual(len(stderr.splitlines()), 1, stderr)
@@ -479,9 +479,9 @@ class BadInputTest(FleetTestCase):
             os.chmod(self.policy_path, 0o644)
             finished = subprocess.run(
                 ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups", "/usr/bin/python3", SERVER],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30, env=dict(os.environ,
-                BOX_UPDATE_SERVER_SETTINGS=json.dumps({"port": 1, "updates_dir": self.updates, "host": "127.0.0.1",
-                                                       "rollout": self.policy_path, "state_dir": self.state})))
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30, env=settings_environment(
+                    {"port": 1, "updates_dir": self.updates, "host": "127.0.0.1", "rollout": self.policy_path,
+                     "state_dir": self.state}))
             stderr = finished.stderr.decode()
             self.assertEqual((finished.returncode, len(stderr.splitlines())), (1, 1), stderr)
             self.assertIn("cannot be used: ", stderr)

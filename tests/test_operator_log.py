@@ -10,7 +10,7 @@ import unittest
 from unittest import mock
 
 from support import (SERVER, InProcessServer, ServerProcess, TempDirTestCase, archive_bytes, bus, make_update, publish,
-                     python_executable, update_members, wait_until)
+                     python_executable, settings_environment, update_members, wait_until)
 
 
 class EventsTest(TempDirTestCase):
@@ -155,8 +155,7 @@ class StatusTest(TempDirTestCase):
         server = self.start_server()
         settings = {"port": server.port, "updates_dir": self.updates, "host": "127.0.0.1"}
         finished = subprocess.run([python_executable(), SERVER, "status"], timeout=30, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, env=dict(os.environ,
-                                                                   BOX_UPDATE_SERVER_SETTINGS=bus.json.dumps(settings)))
+                                  stderr=subprocess.PIPE, env=settings_environment(settings))
         self.assertEqual(finished.returncode, 0, finished.stderr)
         lines = finished.stdout.decode().splitlines()
         self.assertEqual(lines[0], "updates folder %s" % self.updates)
